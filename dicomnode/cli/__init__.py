@@ -1,0 +1,81 @@
+"""The ``dicomnode`` command: a click group whose shared options are declared once, here.
+
+Exit codes follow the DIMSE status category of what a command did (see ``dicomnode.status``):
+0 success, 1 warning, 2 failure, 3 cancelled; 4 a usage or configuration error; 5 the peer could
+not be reached or refused the association.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from dicomnode.config import CONFIG_ENV, Config, ConfigError, load_config
+from dicomnode.status import ExitCode
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass
+class CliState:
+    """What the group's options resolved to, handed to every subcommand."""
+
+    config_path: Path | None
+    verbosity: int
+    _config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        """The configuration, loaded on first use so commands that need none never fail on it."""
+        if self._config is None:
+            try:
+                self._config = load_config(self.config_path)
+            except ConfigError as exc:
+                click.echo(f"dicomnode: {exc}", err=True)
+                sys.exit(ExitCode.USAGE)
+        return self._config
+
+
+pass_state = click.make_pass_decorator(CliState)
+
+
+def setup_logging(verbosity: int, default: str = "WARNING") -> None:
+    """Log to stderr, one line per event (journald adds its own timestamps under systemd)."""
+    level = {-1: "ERROR", 0: default, 1: "INFO"}.get(verbosity, "DEBUG")
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    # pynetdicom logs every PDU at DEBUG and identifiers at INFO; keep it one step quieter.
+    logging.getLogger("pynetdicom").setLevel(max(logging.getLevelName(level), logging.WARNING))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=CONFIG_ENV,
+    help=f"Configuration YAML (default: ${CONFIG_ENV}, else built-in defaults).",
+)
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+@click.version_option(package_name="dicomnode")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None, verbose: int, quiet: bool) -> None:
+    """dicomnode: a DICOM storage, query/retrieve and worklist node, and SCU tools."""
+    ctx.obj = CliState(config_path=config_path, verbosity=-1 if quiet else verbose)
+
+
+def _register() -> None:
+    # Subcommands live in their own modules; importing them here (not at package import time of
+    # dicomnode itself) keeps `import dicomnode` free of side effects.
+    from dicomnode.cli import archive_cmds, scu_cmds, serve_cmd
+
+    for module in (serve_cmd, scu_cmds, archive_cmds):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()

@@ -1,0 +1,7 @@
+"""Archive inspection commands: ``dicomnode list``."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS: list[click.Command] = []

@@ -1,0 +1,7 @@
+"""SCU commands: ``dicomnode echo``, ``dicomnode send``."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS: list[click.Command] = []

@@ -1,0 +1,394 @@
+"""The node's configuration: one YAML file loaded into one typed, validated object.
+
+Every default is declared once, in the dataclasses below; ``config/dicomnode.yaml`` is the commented
+reference and must agree with them (a test checks it). Loading never has side effects: nothing is
+created or opened here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+CONFIG_ENV = "DICOMNODE_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the key and what is allowed."""
+
+
+class Service(StrEnum):
+    """What a calling peer may ask of this node (PS3.4 service classes, by their everyday names)."""
+
+    ECHO = "echo"
+    STORE = "store"
+    FIND = "find"
+    MOVE = "move"
+    GET = "get"
+    WORKLIST = "worklist"
+    MPPS = "mpps"
+
+
+class DuplicatePolicy(StrEnum):
+    """What to do with a SOP Instance UID we already hold, received again with different content.
+
+    Identical content is always a no-op success. ``keep`` (the default, as Orthanc) answers success
+    and keeps the first copy; ``replace`` stores the new copy and indexes it in place of the old;
+    ``reject`` answers a failure status. Each case is logged at WARNING.
+    """
+
+    KEEP = "keep"
+    REPLACE = "replace"
+    REJECT = "reject"
+
+
+# PS3.5 6.2: AE titles are at most 16 characters of the Default Character Repertoire, without
+# backslash or control characters; leading and trailing spaces are not significant.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def valid_ae_title(value: str) -> bool:
+    """True when ``value`` is a usable AE title (PS3.5 6.2 AE value representation)."""
+    return bool(_AE_TITLE.match(value)) and bool(value.strip())
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A known remote node: where to reach it and what it may ask of us."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    services: frozenset[Service] = frozenset()
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Association limits (PS3.8 9.3: the PDU size we announce; ACSE/DIMSE/network timeouts)."""
+
+    max_associations: int = 16
+    # The largest P-DATA-TF PDU we announce in A-ASSOCIATE-AC (PS3.8 D.1). Larger PDUs mean fewer
+    # round trips per instance; 0 would mean "unlimited", which we do not allow.
+    max_pdu_size: int = 262144
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """How received instances are kept."""
+
+    duplicates: DuplicatePolicy = DuplicatePolicy.KEEP
+    # Refuse stores (status A700) before writing when the storage filesystem has less free space.
+    min_free_space: int = 100 * 1024**2
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the node needs to run; see ``config/dicomnode.yaml`` for each key's meaning."""
+
+    ae_title: str = "DICOMNODE"
+    host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens on the LAN by design
+    port: int = 11112
+    storage_dir: Path = Path("var/storage")
+    database: Path = Path("var/index.sqlite")
+    # The conformance YAML that drives presentation-context negotiation; None: the built-in default
+    # (every standard storage SOP class and Verification, in every transfer syntax we can store).
+    conformance: Path | None = None
+    log_level: str = "INFO"
+    peers: Mapping[str, Peer] = field(default_factory=dict)
+    # What a calling AE title that matches no peer may ask of us.
+    unknown_peers: frozenset[Service] = frozenset({Service.ECHO, Service.STORE})
+    limits: Limits = field(default_factory=Limits)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    # The file this was loaded from, if any (for messages and for resolving relative paths).
+    source: Path | None = None
+
+    def peer_by_ae_title(self, ae_title: str) -> Peer | None:
+        """The configured peer whose AE title is ``ae_title`` (surrounding spaces ignored)."""
+        wanted = ae_title.strip()
+        for peer in self.peers.values():
+            if peer.ae_title == wanted:
+                return peer
+        return None
+
+    def services_for(self, calling_ae_title: str) -> frozenset[Service]:
+        """What a caller presenting ``calling_ae_title`` may ask of us."""
+        peer = self.peer_by_ae_title(calling_ae_title)
+        return peer.services if peer is not None else self.unknown_peers
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+T = TypeVar("T")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _Reader:
+    """Reads one mapping of the YAML, naming each key in full in every error."""
+
+    def __init__(self, data: Any, where: str, prefix: str = "") -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the file'} must be a mapping")
+        self.data: dict[str, Any] = data
+        self.where = where
+        self.prefix = prefix
+
+    def fail(self, key: str, allowed: str, value: Any) -> ConfigError:
+        return ConfigError(f"{self.where}: key '{self.prefix}{key}': {allowed}, got {value!r}")
+
+    def check_keys(self, allowed: tuple[str, ...]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                raise ConfigError(
+                    f"{self.where}: unknown key '{self.prefix}{key}'; allowed here: "
+                    + ", ".join(allowed)
+                )
+
+    def get(self, key: str, default: T, convert: Callable[[Any], T | None], allowed: str) -> T:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        result = convert(value)
+        if result is None:
+            raise self.fail(key, allowed, value)
+        return result
+
+    def sub(self, key: str) -> _Reader:
+        return _Reader(self.data.get(key) or {}, self.where, f"{self.prefix}{key}.")
+
+
+def _int_in(low: int, high: int) -> Callable[[Any], int | None]:
+    def convert(value: Any) -> int | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return value if ok else None
+
+    return convert
+
+
+def _positive_seconds(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 86400:
+        return float(value)
+    return None
+
+
+def _ae_title(value: Any) -> str | None:
+    return value.strip() if isinstance(value, str) and valid_ae_title(value) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes from an integer or a string such as ``500MB`` or ``2 GiB``; None if it is neither."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    if not isinstance(value, str):
+        return None
+    match = _SIZE.match(value)
+    if not match:
+        return None
+    unit = (match.group(2) or "B").lower()
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _services(value: Any) -> frozenset[Service] | None:
+    if not isinstance(value, list):
+        return None
+    try:
+        return frozenset(Service(item) for item in value)
+    except ValueError:
+        return None
+
+
+def _enum(kind: type[DuplicatePolicy]) -> Callable[[Any], DuplicatePolicy | None]:
+    def convert(value: Any) -> DuplicatePolicy | None:
+        try:
+            return kind(value)
+        except ValueError:
+            return None
+
+    return convert
+
+
+def _path_against(base: Path) -> Callable[[Any], Path | None]:
+    def convert(value: Any) -> Path | None:
+        if not isinstance(value, str) or not value.strip():
+            return None
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else base / path
+
+    return convert
+
+
+_SERVICES_ALLOWED = "a list of " + ", ".join(s.value for s in Service)
+_TOP_KEYS = tuple(f.name for f in fields(Config) if f.name != "source")
+
+
+def _peers(reader: _Reader) -> dict[str, Peer]:
+    peers: dict[str, Peer] = {}
+    raw = reader.data.get("peers") or {}
+    if not isinstance(raw, dict):
+        raise reader.fail("peers", "must be a mapping of peer name to settings", raw)
+    for name, settings in raw.items():
+        if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+            raise reader.fail("peers", "peer names are 1-64 letters, digits, '_', '.', '-'", name)
+        sub = _Reader(settings, reader.where, f"peers.{name}.")
+        sub.check_keys(("ae_title", "host", "port", "services"))
+        for required in ("ae_title", "host", "port"):
+            if required not in sub.data:
+                raise ConfigError(f"{reader.where}: key 'peers.{name}.{required}' is required")
+        peers[name] = Peer(
+            name=name,
+            ae_title=sub.get("ae_title", "", _ae_title, "an AE title of 1-16 characters"),
+            host=sub.get("host", "", _text, "a host name or address"),
+            port=sub.get("port", 0, _int_in(1, 65535), "a port number from 1 to 65535"),
+            services=sub.get("services", frozenset(), _services, _SERVICES_ALLOWED),
+        )
+    titles = [p.ae_title for p in peers.values()]
+    duplicated = sorted({t for t in titles if titles.count(t) > 1})
+    if duplicated:
+        raise ConfigError(
+            f"{reader.where}: key 'peers': AE titles must be unique, {duplicated} appear twice"
+        )
+    return peers
+
+
+def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
+    """Validate ``data`` (the parsed YAML) into a :class:`Config`.
+
+    Relative paths resolve against ``base_dir`` (the configuration file's folder).
+    """
+    if data is None:
+        data = {}
+    top = _Reader(data, where)
+    top.check_keys(_TOP_KEYS)
+    d = Config()
+    path = _path_against(base_dir)
+    limits = top.sub("limits")
+    limits.check_keys(tuple(f.name for f in fields(Limits)))
+    dl = Limits()
+    store = top.sub("store")
+    store.check_keys(tuple(f.name for f in fields(StoreSettings)))
+    ds = StoreSettings()
+    return Config(
+        ae_title=top.get("ae_title", d.ae_title, _ae_title, "an AE title of 1-16 characters"),
+        host=top.get("host", d.host, _text, "a host name or address to listen on"),
+        port=top.get("port", d.port, _int_in(0, 65535), "a port number from 0 to 65535"),
+        storage_dir=top.get("storage_dir", base_dir / d.storage_dir, path, "a folder path"),
+        database=top.get("database", base_dir / d.database, path, "a file path"),
+        conformance=top.get("conformance", d.conformance, path, "a file path"),
+        log_level=top.get(
+            "log_level",
+            d.log_level,
+            lambda v: v.upper() if isinstance(v, str) and v.upper() in _LOG_LEVELS else None,
+            "one of " + ", ".join(_LOG_LEVELS),
+        ),
+        peers=_peers(top),
+        unknown_peers=top.get("unknown_peers", d.unknown_peers, _services, _SERVICES_ALLOWED),
+        limits=Limits(
+            max_associations=limits.get(
+                "max_associations", dl.max_associations, _int_in(1, 1000), "an integer 1-1000"
+            ),
+            max_pdu_size=limits.get(
+                "max_pdu_size",
+                dl.max_pdu_size,
+                _int_in(4096, 16 * 1024**2),
+                "an integer from 4096 to 16777216 (bytes)",
+            ),
+            acse_timeout=limits.get(
+                "acse_timeout", dl.acse_timeout, _positive_seconds, "seconds, above 0"
+            ),
+            dimse_timeout=limits.get(
+                "dimse_timeout", dl.dimse_timeout, _positive_seconds, "seconds, above 0"
+            ),
+            network_timeout=limits.get(
+                "network_timeout", dl.network_timeout, _positive_seconds, "seconds, above 0"
+            ),
+        ),
+        store=StoreSettings(
+            duplicates=store.get(
+                "duplicates",
+                ds.duplicates,
+                _enum(DuplicatePolicy),
+                "one of " + ", ".join(p.value for p in DuplicatePolicy),
+            ),
+            min_free_space=store.get(
+                "min_free_space",
+                ds.min_free_space,
+                parse_size,
+                "a size in bytes, or with a unit such as 500MB or 2GiB",
+            ),
+        ),
+    )
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Load the configuration from ``path``, else ``$DICOMNODE_CONFIG``, else the defaults.
+
+    With neither, relative paths resolve against the current folder.
+    """
+    if path is None:
+        env = os.environ.get(CONFIG_ENV)
+        path = Path(env) if env else None
+    if path is None:
+        return parse_config({}, Path.cwd(), "defaults")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    config = parse_config(data, path.resolve().parent, str(path))
+    return replace(config, source=path.resolve())
+
+
+_ADDRESS = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$")
+
+
+def resolve_peer(config: Config, text: str) -> Peer:
+    """A peer named in the configuration, or one written as ``AET@host:port``.
+
+    Raises :class:`ConfigError` with what is allowed when ``text`` is neither.
+    """
+    if text in config.peers:
+        return config.peers[text]
+    match = _ADDRESS.match(text)
+    if match:
+        aet, host, port = match.group("aet"), match.group("host"), int(match.group("port"))
+        if valid_ae_title(aet) and 1 <= port <= 65535:
+            return Peer(name=text, ae_title=aet.strip(), host=host.strip("[]"), port=port)
+    known = ", ".join(sorted(config.peers)) or "none configured"
+    raise ConfigError(
+        f"peer {text!r}: give a configured peer name ({known}) or AET@host:port "
+        "(AE title of 1-16 characters, port 1-65535)"
+    )

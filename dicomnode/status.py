@@ -1,0 +1,118 @@
+"""Named DIMSE statuses and their categories (PS3.7 Annex C; PS3.4 B.2.3 for C-STORE).
+
+Handlers return these names, never hex literals. ``describe`` gives the meaning a person reads in
+an SCU tool's report; ``category`` drives the CLI exit codes.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    """The statuses this node sends or interprets."""
+
+    SUCCESS = 0x0000
+    # PS3.7 Annex C: general failures shared by the DIMSE services
+    INVALID_OBJECT_INSTANCE = 0x0117  # e.g. a SOP Instance UID that is not a valid UID
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    NOT_AUTHORIZED = 0x0124
+    DUPLICATE_INVOCATION = 0x0210
+    UNRECOGNIZED_OPERATION = 0x0211
+    MISTYPED_ARGUMENT = 0x0212
+    # PS3.4 B.2.3: Storage Service Class
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    # Implementation-specific sub-codes within "Cannot understand" (PS3.4 B.2.3: C000-CFFF).
+    DUPLICATE_REJECTED = 0xC0D1  # same SOP Instance UID, different content, policy "reject"
+    INDEX_FAILED = 0xC0D2  # the file was written but could not be indexed; nothing is kept
+    COERCION_OF_DATA_ELEMENTS = 0xB000
+    ELEMENTS_DISCARDED = 0xB006
+    DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
+    CANCEL = 0xFE00
+    PENDING = 0xFF00
+    PENDING_WARNING = 0xFF01
+
+
+class Category(IntEnum):
+    """PS3.7 C.1 status categories, in increasing order of badness (cancel sits apart)."""
+
+    SUCCESS = 0
+    WARNING = 1
+    FAILURE = 2
+    CANCEL = 3
+    PENDING = 4
+
+
+class ExitCode(IntEnum):
+    """Exit codes of the ``dicomnode`` SCU commands, from the worst status category seen."""
+
+    SUCCESS = 0
+    WARNING = 1
+    FAILURE = 2
+    CANCEL = 3
+    USAGE = 4
+    UNREACHABLE = 5
+
+
+_DESCRIPTIONS: dict[int, str] = {
+    Status.SUCCESS: "Success",
+    Status.INVALID_OBJECT_INSTANCE: "Failure: invalid SOP instance",
+    Status.SOP_CLASS_NOT_SUPPORTED: "Refused: SOP class not supported",
+    Status.NOT_AUTHORIZED: "Refused: not authorized",
+    Status.DUPLICATE_INVOCATION: "Failure: duplicate invocation",
+    Status.UNRECOGNIZED_OPERATION: "Failure: unrecognized operation",
+    Status.MISTYPED_ARGUMENT: "Failure: mistyped argument",
+    Status.DUPLICATE_REJECTED: "Failure: duplicate SOP instance with different content rejected",
+    Status.INDEX_FAILED: "Failure: the instance could not be indexed",
+    Status.CANCEL: "Cancelled",
+}
+
+# Ranges from PS3.4 B.2.3 / C.4 and PS3.7 C, checked in order.
+_RANGES: tuple[tuple[int, int, Category, str], ...] = (
+    (0xA700, 0xA7FF, Category.FAILURE, "Refused: out of resources"),
+    (0xA800, 0xA8FF, Category.FAILURE, "Refused: move destination unknown / out of resources"),
+    (0xA900, 0xA9FF, Category.FAILURE, "Error: data set does not match SOP class"),
+    (0xB000, 0xB000, Category.WARNING, "Warning: coercion of data elements"),
+    (0xB006, 0xB006, Category.WARNING, "Warning: elements discarded"),
+    (0xB007, 0xB007, Category.WARNING, "Warning: data set does not match SOP class"),
+    (0xB000, 0xBFFF, Category.WARNING, "Warning"),
+    (0xC000, 0xCFFF, Category.FAILURE, "Error: cannot understand"),
+    (0xFE00, 0xFE00, Category.CANCEL, "Cancelled"),
+    (0xFF00, 0xFF01, Category.PENDING, "Pending"),
+    (0x0001, 0x0001, Category.WARNING, "Warning"),
+    (0x0107, 0x0107, Category.WARNING, "Warning: attribute list error"),
+    (0x0116, 0x0116, Category.WARNING, "Warning: attribute value out of range"),
+    (0x0100, 0x01FF, Category.FAILURE, "Failure"),
+    (0x0200, 0x02FF, Category.FAILURE, "Failure"),
+)
+
+
+def category(status: int) -> Category:
+    """The PS3.7 C.1 category of ``status``; unknown codes count as failures."""
+    if status == Status.SUCCESS:
+        return Category.SUCCESS
+    for low, high, cat, _ in _RANGES:
+        if low <= status <= high:
+            return cat
+    return Category.FAILURE
+
+
+def describe(status: int) -> str:
+    """A short meaning for ``status``, with the code: ``0xA700 Refused: out of resources``."""
+    text = _DESCRIPTIONS.get(status)
+    if text is None:
+        text = next((t for lo, hi, _, t in _RANGES if lo <= status <= hi), "Unknown status")
+    return f"0x{status:04X} {text}"
+
+
+def exit_code(categories: list[Category]) -> ExitCode:
+    """The exit code for a command that saw these status categories (the worst one wins)."""
+    if Category.CANCEL in categories:
+        return ExitCode.CANCEL
+    if Category.FAILURE in categories:
+        return ExitCode.FAILURE
+    if Category.WARNING in categories:
+        return ExitCode.WARNING
+    return ExitCode.SUCCESS

@@ -14,6 +14,9 @@ class Status(IntEnum):
 
     SUCCESS = 0x0000
     # PS3.7 Annex C: general failures shared by the DIMSE services
+    # Same SOP Instance UID, different content, duplicates policy "reject" (PS3.7 C.5: the
+    # general "Duplicate SOP Instance" failure).
+    DUPLICATE_SOP_INSTANCE = 0x0111
     INVALID_OBJECT_INSTANCE = 0x0117  # e.g. a SOP Instance UID that is not a valid UID
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     NOT_AUTHORIZED = 0x0124
@@ -21,12 +24,12 @@ class Status(IntEnum):
     UNRECOGNIZED_OPERATION = 0x0211
     MISTYPED_ARGUMENT = 0x0212
     # PS3.4 B.2.3: Storage Service Class
-    OUT_OF_RESOURCES = 0xA700
+    OUT_OF_RESOURCES = 0xA700  # free space under the floor, or the file could not be written
+    # A7xx sub-code: the file was written but the index write failed (database locked or failing);
+    # the file is removed again. "Refused: out of resources" tells the sender to retry later.
+    OUT_OF_RESOURCES_INDEX = 0xA701
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC000
-    # Implementation-specific sub-codes within "Cannot understand" (PS3.4 B.2.3: C000-CFFF).
-    DUPLICATE_REJECTED = 0xC0D1  # same SOP Instance UID, different content, policy "reject"
-    INDEX_FAILED = 0xC0D2  # the file was written but could not be indexed; nothing is kept
     COERCION_OF_DATA_ELEMENTS = 0xB000
     ELEMENTS_DISCARDED = 0xB006
     DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
@@ -64,8 +67,8 @@ _DESCRIPTIONS: dict[int, str] = {
     Status.DUPLICATE_INVOCATION: "Failure: duplicate invocation",
     Status.UNRECOGNIZED_OPERATION: "Failure: unrecognized operation",
     Status.MISTYPED_ARGUMENT: "Failure: mistyped argument",
-    Status.DUPLICATE_REJECTED: "Failure: duplicate SOP instance with different content rejected",
-    Status.INDEX_FAILED: "Failure: the instance could not be indexed",
+    Status.DUPLICATE_SOP_INSTANCE: "Failure: duplicate SOP instance",
+    Status.OUT_OF_RESOURCES_INDEX: "Refused: out of resources (index unavailable)",
     Status.CANCEL: "Cancelled",
 }
 

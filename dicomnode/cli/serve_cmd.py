@@ -1,7 +1,38 @@
-"""``dicomnode serve``."""
+"""``dicomnode serve``: run the node in the foreground."""
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-COMMANDS: list[click.Command] = []
+from dicomnode.cli import CliState, pass_state, setup_logging
+from dicomnode.policy import ConformanceError, load_policy
+from dicomnode.status import ExitCode
+
+
+@click.command("serve")
+@pass_state
+def serve_cmd(state: CliState) -> None:
+    """Run the node in the foreground until SIGTERM or Ctrl-C.
+
+    Prints one line to stdout when it is listening: "listening on HOST:PORT".
+    """
+    from dicomnode.ae import serve
+
+    config = state.config
+    setup_logging(state.verbosity, default=config.log_level)
+    try:
+        policy = load_policy(config.conformance)
+    except ConformanceError as exc:
+        click.echo(f"dicomnode: {exc}", err=True)
+        sys.exit(ExitCode.USAGE)
+
+    def ready(host: str, port: int) -> None:
+        click.echo(f"{config.ae_title} listening on {host}:{port}")
+        sys.stdout.flush()
+
+    serve(config, policy, ready)
+
+
+COMMANDS: list[click.Command] = [serve_cmd]

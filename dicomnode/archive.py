@@ -1,0 +1,286 @@
+"""The archive: storing a received instance into the file store and the index, as one outcome.
+
+It imports no pynetdicom. The C-STORE handler gives it a complete Part 10 file in the storage
+``tmp/`` folder and what the request said; it answers with a named status and a reason for the log.
+The order is fixed: validate, move the file into the store (durably), then index it; if indexing
+fails the file is removed again, so success always means "on disk and indexed".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import filecmp
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from dicomnode.config import Config, DuplicatePolicy
+from dicomnode.index import DuplicateInstance, Index, IndexError_, NewInstance
+from dicomnode.policy import is_valid_uid, uid_name
+from dicomnode.status import Status
+from dicomnode.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """What the C-STORE request said about the instance (PS3.7 9.1.1.1)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    calling_ae_title: str
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """The status to answer and, when it is not plain success, why (no patient data in it)."""
+
+    status: Status
+    reason: str = ""
+    replaced: bool = False  # a duplicate with different content took the stored copy's place
+
+
+class Rejected(Exception):
+    """Validation failed: answer ``status``; ``reason`` goes to the log."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Archive:
+    """Storage plus index, opened together for the lifetime of a node."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.storage = Storage(config.storage_dir)
+        self.index = Index(config.database)
+
+    def open(self) -> None:
+        """Prepare the folders (clearing leftover temp files) and open the index."""
+        self.storage.prepare()
+        self.index.open()
+
+    def close(self) -> None:
+        self.index.close()
+
+    def has_room(self) -> bool:
+        """False when free space is under the configured floor (store.min_free_space)."""
+        return self.storage.free_space() >= self.config.store.min_free_space
+
+    def store(self, temp: Path, request: StoreRequest) -> StoreOutcome:
+        """Store the Part 10 file ``temp`` (in ``storage.tmp``) received for ``request``.
+
+        ``temp`` is consumed: moved into the store, or deleted.
+        """
+        committed: str | None = None
+        try:
+            ds = _read_and_check(temp, request)
+            new = NewInstance.from_dataset(
+                ds,
+                transfer_syntax=request.transfer_syntax,
+                file_size=temp.stat().st_size,
+                received_from=request.calling_ae_title,
+                received_at=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            )
+            existing = self.index.existing(request.sop_instance_uid)
+            if existing is not None:
+                return self._duplicate(new, temp, existing.path)
+            committed = self.storage.commit(temp)
+            try:
+                self.index.add(_with_path(new, committed))
+            except DuplicateInstance as dup:
+                # Another association indexed the same instance between our look-up and our
+                # write: ours is the duplicate, decided like any other.
+                outcome = self._duplicate(new, self.storage.resolve(committed), dup.existing.path)
+                if outcome.replaced:
+                    committed = None
+                return outcome
+            committed = None
+            return StoreOutcome(Status.SUCCESS)
+        except Rejected as exc:
+            return StoreOutcome(exc.status, exc.reason)
+        except IndexError_ as exc:
+            return StoreOutcome(Status.OUT_OF_RESOURCES_INDEX, str(exc))
+        except StorageError as exc:
+            return StoreOutcome(Status.OUT_OF_RESOURCES, str(exc))
+        finally:
+            # Whatever did not end up in the store is removed: the temp file if it was never
+            # committed, the committed file if indexing failed.
+            self.storage.discard(temp)
+            if committed is not None:
+                with contextlib.suppress(StorageError, OSError):
+                    self.storage.remove(committed)
+
+    def _duplicate(self, new: NewInstance, incoming: Path, stored: str) -> StoreOutcome:
+        """The SOP Instance UID is already indexed: compare contents and apply the policy.
+
+        ``incoming`` is the new file, in ``tmp/`` or already committed; the caller removes it
+        unless the outcome says it replaced the stored copy.
+        """
+        if _same_content(incoming, self.storage.resolve(stored)):
+            return StoreOutcome(Status.SUCCESS, "identical duplicate, nothing to do")
+        policy = self.config.store.duplicates
+        log.warning(
+            "SOP instance received again with different content; duplicates policy %r",
+            policy.value,
+        )
+        if policy is DuplicatePolicy.KEEP:
+            return StoreOutcome(Status.SUCCESS, "different duplicate, kept the first copy")
+        if policy is DuplicatePolicy.REJECT:
+            return StoreOutcome(
+                Status.DUPLICATE_SOP_INSTANCE, "different duplicate rejected by policy"
+            )
+        committed = (
+            str(incoming.relative_to(self.storage.root))
+            if incoming.is_relative_to(self.storage.objects)
+            else self.storage.commit(incoming)
+        )
+        try:
+            old = self.index.replace(_with_path(new, committed))
+        except IndexError_:
+            self.storage.remove(committed)
+            raise
+        self.storage.remove(old)
+        return StoreOutcome(Status.SUCCESS, "different duplicate replaced the first copy", True)
+
+
+def _with_path(new: NewInstance, path: str) -> NewInstance:
+    return NewInstance(new.patient, new.study, new.series, {**new.instance, "path": path})
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    """Byte-equal files (our files share the File Meta we write, so the data sets decide)."""
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _read_and_check(path: Path, request: StoreRequest) -> Dataset:
+    """Parse what the index needs (never the pixel data) and check it against the request."""
+    # PS3.5 9.1: a UID that is not a UID cannot name an instance we would ever give back.
+    if not is_valid_uid(request.sop_instance_uid):
+        raise Rejected(Status.INVALID_OBJECT_INSTANCE, "Affected SOP Instance UID is not a valid UID")
+    if not is_valid_uid(request.sop_class_uid):
+        raise Rejected(Status.SOP_CLASS_NOT_SUPPORTED, "Affected SOP Class UID is not a valid UID")
+    try:
+        with path.open("rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=4096)
+            pixel_offset = fp.tell()
+            _check_tail(fp, pixel_offset, path.stat().st_size, request.transfer_syntax)
+            # Touch every attribute the index needs now, so decoding errors surface here.
+            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+                ds.get(keyword)
+            NewInstance.from_dataset(ds)
+    except Rejected:
+        raise
+    except (InvalidDicomError, ValueError, KeyError, TypeError, EOFError, OSError,
+            struct.error, NotImplementedError, AttributeError, LookupError) as exc:
+        raise Rejected(
+            Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}"
+        ) from exc
+    _check_identity(ds, request)
+    return ds
+
+
+def _check_identity(ds: Dataset, request: StoreRequest) -> None:
+    """PS3.4 B.2.3: the data set must be the instance the request names (else A900)."""
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+    if not sop_class:
+        raise Rejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "data set has no SOP Class UID")
+    if sop_class != request.sop_class_uid:
+        raise Rejected(
+            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"data set SOP Class UID {uid_name(sop_class)} differs from the request's "
+            f"{uid_name(request.sop_class_uid)}",
+        )
+    if not sop_instance:
+        raise Rejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "data set has no SOP Instance UID")
+    if sop_instance != request.sop_instance_uid:
+        raise Rejected(
+            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "data set SOP Instance UID differs from the request's Affected SOP Instance UID",
+        )
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        value = str(ds.get(keyword, "") or "")
+        if not is_valid_uid(value):
+            # PS3.3: both are Type 1 in every composite IOD; without them there is no hierarchy.
+            raise Rejected(
+                Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing or not a valid UID"
+            )
+
+
+_ITEM = 0xFFFEE000
+_SEQ_DELIM = 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+# Explicit VR with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
+             b"UV"}
+
+
+def _check_tail(fp: BinaryIO, offset: int, size: int, transfer_syntax: str) -> None:
+    """Walk the top-level elements from (7FE0,0010) to the end by their headers, without reading
+    values: a data set whose pixel data (or anything after it) is cut short is refused.
+
+    pydicom stopped before the pixel data and left ``fp`` there. Deflated data sets are inflated
+    by pydicom as a whole, so their tail was already parsed.
+    """
+    if transfer_syntax == DeflatedExplicitVRLittleEndian or offset >= size:
+        return
+    implicit = transfer_syntax == ImplicitVRLittleEndian
+    endian = ">" if transfer_syntax == ExplicitVRBigEndian else "<"
+    fp.seek(offset)
+    while True:
+        position = fp.tell()
+        if position == size:
+            return
+        header = fp.read(8)
+        if len(header) < 8:
+            raise EOFError("element header cut short")
+        group, element = struct.unpack(f"{endian}HH", header[:4])
+        if implicit:
+            length = struct.unpack("<I", header[4:])[0]
+        elif header[4:6] in _LONG_VRS:
+            rest = fp.read(4)
+            if len(rest) < 4:
+                raise EOFError("element header cut short")
+            length = struct.unpack(f"{endian}I", rest)[0]
+        else:
+            length = struct.unpack(f"{endian}H", header[6:])[0]
+        if length == _UNDEFINED:
+            _skip_items(fp, size, endian)
+        elif fp.tell() + length > size:
+            raise EOFError(f"element ({group:04X},{element:04X}) runs past the end of the data")
+        else:
+            fp.seek(length, 1)
+
+
+def _skip_items(fp: BinaryIO, size: int, endian: str) -> None:
+    """Skip an undefined-length value (encapsulated fragments, PS3.5 A.4) to its delimiter."""
+    while True:
+        header = fp.read(8)
+        if len(header) < 8:
+            raise EOFError("undefined-length value without a sequence delimiter")
+        group, element, length = struct.unpack(f"{endian}HHI", header)
+        tag = (group << 16) | element
+        if tag == _SEQ_DELIM:
+            return
+        if tag != _ITEM or length == _UNDEFINED or fp.tell() + length > size:
+            raise EOFError("malformed item in an undefined-length value")
+        fp.seek(length, 1)

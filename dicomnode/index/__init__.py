@@ -1,0 +1,255 @@
+"""The index: a peewee SQLite database (WAL) of what the store holds, Patient -> Instance.
+
+The index knows nothing of pynetdicom or of files; ``dicomnode.archive`` pairs it with storage.
+Writes are one transaction each, begun IMMEDIATE so concurrent associations serialise on the write
+lock instead of failing on an upgrade; ``synchronous=FULL`` makes a committed row durable before
+the C-STORE response is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peewee as pw
+from playhouse.pool import PooledSqliteDatabase
+
+from dicomnode.index.attributes import Level, extract
+from dicomnode.index.models import MODELS, SCHEMA_VERSION, Instance, Patient, Series, Study
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DuplicateInstance", "Index", "IndexError_", "InstanceRecord", "NewInstance"]
+
+
+class IndexError_(RuntimeError):  # noqa: N801 - "IndexError" would shadow the builtin
+    """The index could not be opened or written."""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """An indexed instance, as much as the store needs to decide about duplicates."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str
+    file_size: int
+    series_uid: str
+    study_uid: str
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """Everything the index records about one received instance, by level."""
+
+    patient: dict[str, Any]
+    study: dict[str, Any]
+    series: dict[str, Any]
+    instance: dict[str, Any]
+
+    @classmethod
+    def from_dataset(cls, ds: Any, **instance_extra: Any) -> NewInstance:
+        return cls(
+            patient=extract(ds, Level.PATIENT),
+            study=extract(ds, Level.STUDY),
+            series=extract(ds, Level.SERIES),
+            instance={**extract(ds, Level.IMAGE), **instance_extra},
+        )
+
+
+class DuplicateInstance(Exception):
+    """The SOP Instance UID is already indexed."""
+
+    def __init__(self, existing: InstanceRecord) -> None:
+        super().__init__(existing.sop_instance_uid)
+        self.existing = existing
+
+
+class Index:
+    """The SQLite index at ``path``."""
+
+    def __init__(self, path: Path, busy_timeout: float = 10.0) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self.db: PooledSqliteDatabase | None = None
+
+    def open(self) -> None:
+        """Open (creating or migrating) the database; binds the models to it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = PooledSqliteDatabase(
+            str(self.path),
+            max_connections=64,
+            stale_timeout=600,
+            timeout=self.busy_timeout,
+            check_same_thread=False,
+            lock_type="IMMEDIATE",
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": "full",
+                "foreign_keys": 1,
+                "busy_timeout": int(self.busy_timeout * 1000),
+            },
+        )
+        db.bind(MODELS)
+        self.db = db
+        try:
+            with db.connection_context():
+                self._migrate(db)
+        except (pw.DatabaseError, sqlite3.DatabaseError) as exc:
+            raise IndexError_(f"cannot open the index {self.path}: {exc}") from exc
+
+    def _migrate(self, db: PooledSqliteDatabase) -> None:
+        version = db.execute_sql("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise IndexError_(
+                f"the index {self.path} has schema version {version}; this dicomnode "
+                f"understands up to {SCHEMA_VERSION}: upgrade dicomnode"
+            )
+        with db.atomic():
+            if version == 0:
+                db.create_tables(MODELS)
+            # Later schema versions add their migration steps here, one per version.
+            db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        log.info("index %s at schema version %d", self.path, SCHEMA_VERSION)
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close_all()
+            self.db = None
+
+    def _database(self) -> PooledSqliteDatabase:
+        if self.db is None:
+            raise IndexError_("the index is not open")
+        return self.db
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def existing(self, sop_instance_uid: str) -> InstanceRecord | None:
+        with self._database().connection_context():
+            return self._record(sop_instance_uid)
+
+    def _record(self, sop_instance_uid: str) -> InstanceRecord | None:
+        row = (
+            Instance.select(Instance, Series.series_uid, Study.study_uid)
+            .join(Series)
+            .join(Study)
+            .where(Instance.sop_instance_uid == sop_instance_uid)
+            .objects()
+            .first()
+        )
+        if row is None:
+            return None
+        return InstanceRecord(
+            sop_instance_uid=row.sop_instance_uid,
+            sop_class_uid=row.sop_class_uid,
+            transfer_syntax=row.transfer_syntax,
+            path=row.path,
+            file_size=row.file_size,
+            series_uid=row.series_uid,
+            study_uid=row.study_uid,
+        )
+
+    def studies(self) -> Iterator[dict[str, Any]]:
+        """Every study with its patient and counts, newest study date first (for ``list``)."""
+        with self._database().connection_context():
+            query = (
+                Study.select(
+                    Study,
+                    Patient.patient_id,
+                    Patient.patient_name,
+                    pw.fn.COUNT(Series.id.distinct()).alias("n_series"),
+                    pw.fn.COUNT(Instance.id).alias("n_instances"),
+                    pw.fn.SUM(Instance.file_size).alias("n_bytes"),
+                )
+                .join(Patient)
+                .switch(Study)
+                .join(Series, pw.JOIN.LEFT_OUTER)
+                .join(Instance, pw.JOIN.LEFT_OUTER)
+                .group_by(Study.id)
+                .order_by(Study.study_date.desc(), Study.id)
+            )
+            yield from query.dicts()
+
+    def instances(self, study_uid: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every instance (of one study, if given) with its series and study UIDs."""
+        with self._database().connection_context():
+            query = (
+                Instance.select(Instance, Series.series_uid, Series.modality, Study.study_uid)
+                .join(Series)
+                .join(Study)
+                .order_by(Study.id, Series.series_number, Instance.instance_number, Instance.id)
+            )
+            if study_uid is not None:
+                query = query.where(Study.study_uid == study_uid)
+            yield from query.dicts()
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def add(self, new: NewInstance) -> None:
+        """Index a new instance in one transaction.
+
+        Raises :class:`DuplicateInstance` when its SOP Instance UID is already indexed (also when
+        another association indexed it a moment ago), and :class:`IndexError_` on any database
+        failure; either way nothing of this instance is written.
+        """
+        db = self._database()
+        try:
+            with db.connection_context(), db.atomic():
+                existing = self._record(new.instance["sop_instance_uid"])
+                if existing is not None:
+                    raise DuplicateInstance(existing)
+                series = self._series_for(new)
+                Instance.create(series=series, **new.instance)
+        except DuplicateInstance:
+            raise
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            raise IndexError_(f"index write failed: {exc}") from exc
+
+    def replace(self, new: NewInstance) -> str:
+        """Point the indexed instance at a new file and attributes; returns the old file's path."""
+        db = self._database()
+        try:
+            with db.connection_context(), db.atomic():
+                row = Instance.get(Instance.sop_instance_uid == new.instance["sop_instance_uid"])
+                old_path: str = row.path
+                series = self._series_for(new)
+                Instance.update(series=series, **new.instance).where(
+                    Instance.id == row.id
+                ).execute()
+                return old_path
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            raise IndexError_(f"index write failed: {exc}") from exc
+
+    def _series_for(self, new: NewInstance) -> Series:
+        """Find or create the patient, study and series of ``new`` (inside a transaction)."""
+        patient, _ = Patient.get_or_create(
+            patient_id=new.patient["patient_id"],
+            issuer=new.patient["issuer"],
+            defaults=new.patient,
+        )
+        study = Study.get_or_none(Study.study_uid == new.study["study_uid"])
+        if study is None:
+            study = Study.create(patient=patient, **new.study)
+        elif study.patient_id != patient.id:
+            # The same Study Instance UID arrived with other patient identifiers: the study keeps
+            # the patient it was first indexed under (a reconciliation issue, not ours to guess).
+            log.warning("study already indexed under another patient; keeping the first patient")
+        series = Series.get_or_none(Series.series_uid == new.series["series_uid"])
+        if series is None:
+            series = Series.create(study=study, **new.series)
+        elif series.study_id != study.id:
+            log.warning("series already indexed under another study; keeping the first study")
+        modality = series.modality
+        if modality:
+            known = [m for m in study.modalities.split("\\") if m]
+            if modality not in known:
+                study.modalities = "\\".join(sorted([*known, modality]))
+                study.save(only=[Study.modalities])
+        return series

@@ -1,0 +1,149 @@
+"""Receiving C-STORE data sets straight into the storage ``tmp/`` folder.
+
+pynetdicom's chunked receive (``_config.STORE_RECV_CHUNKED_DATASET``) writes each incoming data set
+to a ``NamedTemporaryFile`` in the system temp folder, with pynetdicom's own File Meta. We replace
+two names in ``pynetdicom.dimse_messages`` (pinned to pynetdicom 3.0.x in pyproject.toml):
+
+- ``NamedTemporaryFile``: a :class:`ReceiveFile` in the receiving node's ``tmp/`` folder (the
+  storage filesystem, so committing is a rename). When free space is under the floor it writes
+  nothing and marks the message refused, so the handler answers A700 before anything is written.
+- ``create_file_meta``: the same File Meta, with our Implementation Class UID and version name.
+
+The node is found through the DUL thread that decodes the message (``thread.assoc.ae``); any other
+AE in the process (an SCU) gets pynetdicom's behaviour unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import _config, dimse_messages, dsutils
+
+from dicomnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomnode.storage import Storage
+
+log = logging.getLogger(__name__)
+
+# Large writes: pynetdicom writes one PDV at a time (up to our max PDU size).
+_BUFFER = 1024 * 1024
+
+
+class ReceiveFile:
+    """Stands in for the ``NamedTemporaryFile`` pynetdicom writes a received data set into.
+
+    pynetdicom uses ``write``, ``file.flush()``, ``name`` and ``close()``. Flushing per PDV is
+    left to the buffer; the archive fsyncs the whole file once, when it commits it.
+    """
+
+    def __init__(self, path: Path, owner: object, refused: str | None) -> None:
+        self.name = str(path)
+        self.path = path
+        self.owner = owner  # the pynetdicom Association, to clean up after an abort
+        self.refused = refused
+        self.file = self
+        self._fh = None if refused else path.open("xb", buffering=_BUFFER)
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        if self._fh is not None:
+            self._fh.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        """pynetdicom flushes after every fragment; the 1 MiB buffer makes that needless."""
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class Receiver:
+    """The files being received by one node, by name."""
+
+    def __init__(self, storage: Storage, min_free_space: int) -> None:
+        self.storage = storage
+        self.min_free_space = min_free_space
+        self._files: dict[str, ReceiveFile] = {}
+        self._lock = threading.Lock()
+
+    def open(self, owner: object) -> ReceiveFile:
+        """A new file for the data set now arriving on ``owner`` (an association)."""
+        refused = None
+        free = self.storage.free_space()
+        if free < self.min_free_space:
+            refused = (
+                f"free space {free // 2**20} MiB is under the floor "
+                f"(store.min_free_space = {self.min_free_space // 2**20} MiB)"
+            )
+        rx = ReceiveFile(self.storage.temp_path("rx-"), owner, refused)
+        with self._lock:
+            self._files[rx.name] = rx
+        return rx
+
+    def take(self, name: str) -> ReceiveFile | None:
+        """The completed file pynetdicom reports at ``name``, closed and ready to read."""
+        with self._lock:
+            rx = self._files.pop(name, None)
+        if rx is not None:
+            rx.close()
+        return rx
+
+    def abandon(self, owner: object) -> int:
+        """Delete every file of ``owner`` that never completed (aborted or cut mid-transfer)."""
+        with self._lock:
+            mine = [rx for rx in self._files.values() if rx.owner is owner]
+            for rx in mine:
+                del self._files[rx.name]
+        for rx in mine:
+            rx.discard()
+        return len(mine)
+
+
+_pynetdicom_tempfile = tempfile.NamedTemporaryFile
+_installed = False
+
+
+def _temp_file(*args: Any, **kwargs: Any) -> Any:
+    thread = threading.current_thread()
+    assoc = getattr(thread, "assoc", None)
+    receiver = getattr(getattr(assoc, "ae", None), "dicomnode_receiver", None)
+    if isinstance(receiver, Receiver):
+        return receiver.open(assoc)
+    return _pynetdicom_tempfile(*args, **kwargs)
+
+
+def install_receive_hooks() -> None:
+    """Route chunked C-STORE receives to the node's :class:`Receiver` (idempotent).
+
+    Called by ``dicomnode.ae`` when a node starts, never at import time.
+    """
+    global _installed
+    if _installed:
+        return
+    if not hasattr(dimse_messages, "NamedTemporaryFile") or not hasattr(
+        dimse_messages, "create_file_meta"
+    ):
+        raise RuntimeError("this pynetdicom version lacks the chunked-receive names we hook")
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _temp_file
+    dimse_messages.create_file_meta = functools.partial(
+        dsutils.create_file_meta,
+        implementation_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version=IMPLEMENTATION_VERSION_NAME,
+    )
+    _installed = True
+    log.debug("chunked receive hooks installed (pid %d)", os.getpid())

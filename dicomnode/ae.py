@@ -12,7 +12,6 @@ from typing import Any
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.archive import Archive
@@ -25,6 +24,8 @@ from dicomnode.policy import Decision, Policy, Profile
 from dicomnode.receive import Receiver, install_receive_hooks
 
 log = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"  # PS3.4 A.4 Verification SOP Class
 
 
 class Node:
@@ -53,8 +54,9 @@ class Node:
         ae.network_timeout = limits.network_timeout
         # The real contexts are chosen per caller in on_requested. pynetdicom deep-copies the
         # AE's list for every association, so keep that list to one context.
-        ae.add_supported_context(Verification)
-        ae.dicomnode_receiver = self.receiver  # found by dicomnode.receive's hook
+        ae.add_supported_context(VERIFICATION)
+        # Found by dicomnode.receive's hook through the receiving thread's association.
+        ae.dicomnode_receiver = self.receiver  # type: ignore[attr-defined]
         return ae
 
     # --- per-association state used by the handlers ---------------------------------------
@@ -103,7 +105,7 @@ class Node:
 
     # --- running ----------------------------------------------------------------------------
 
-    def _handlers(self) -> list[tuple[Any, Callable[..., Any], list[Any]]]:
+    def _handlers(self) -> list[Any]:
         bound: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, assoc_handlers.on_conn_open),
             (evt.EVT_REQUESTED, assoc_handlers.on_requested),
@@ -123,12 +125,14 @@ class Node:
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
         self.archive.open()
-        self.server = self.ae.start_server(
+        server = self.ae.start_server(
             (self.config.host, self.config.port),
             block=False,
             evt_handlers=self._handlers(),
         )
-        host, port = self.server.server_address[:2]
+        assert server is not None  # block=False always returns the server
+        self.server = server
+        host, port = server.server_address[:2]
         return str(host), int(port)
 
     def stop(self) -> None:

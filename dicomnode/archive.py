@@ -175,7 +175,9 @@ def _read_and_check(path: Path, request: StoreRequest) -> Dataset:
     """Parse what the index needs (never the pixel data) and check it against the request."""
     # PS3.5 9.1: a UID that is not a UID cannot name an instance we would ever give back.
     if not is_valid_uid(request.sop_instance_uid):
-        raise Rejected(Status.INVALID_OBJECT_INSTANCE, "Affected SOP Instance UID is not a valid UID")
+        raise Rejected(
+            Status.INVALID_OBJECT_INSTANCE, "Affected SOP Instance UID is not a valid UID"
+        )
     if not is_valid_uid(request.sop_class_uid):
         raise Rejected(Status.SOP_CLASS_NOT_SUPPORTED, "Affected SOP Class UID is not a valid UID")
     try:
@@ -184,13 +186,28 @@ def _read_and_check(path: Path, request: StoreRequest) -> Dataset:
             pixel_offset = fp.tell()
             _check_tail(fp, pixel_offset, path.stat().st_size, request.transfer_syntax)
             # Touch every attribute the index needs now, so decoding errors surface here.
-            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            for keyword in (
+                "SOPClassUID",
+                "SOPInstanceUID",
+                "StudyInstanceUID",
+                "SeriesInstanceUID",
+            ):
                 ds.get(keyword)
             NewInstance.from_dataset(ds)
     except Rejected:
         raise
-    except (InvalidDicomError, ValueError, KeyError, TypeError, EOFError, OSError,
-            struct.error, NotImplementedError, AttributeError, LookupError) as exc:
+    except (
+        InvalidDicomError,
+        ValueError,
+        KeyError,
+        TypeError,
+        EOFError,
+        OSError,
+        struct.error,
+        NotImplementedError,
+        AttributeError,
+        LookupError,
+    ) as exc:
         raise Rejected(
             Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}"
         ) from exc
@@ -230,8 +247,21 @@ _ITEM = 0xFFFEE000
 _SEQ_DELIM = 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 # Explicit VR with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
-             b"UV"}
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 
 
 def _check_tail(fp: BinaryIO, offset: int, size: int, transfer_syntax: str) -> None:

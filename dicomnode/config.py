@@ -68,7 +68,7 @@ _SIZE_UNITS = {
 
 def valid_ae_title(value: str) -> bool:
     """True when ``value`` is a usable AE title (PS3.5 6.2 AE value representation)."""
-    return bool(_AE_TITLE.match(value)) and bool(value.strip())
+    return bool(_AE_TITLE.fullmatch(value)) and bool(value.strip())
 
 
 @dataclass(frozen=True)
@@ -211,11 +211,11 @@ def parse_size(value: Any) -> int | None:
         return value if value >= 0 else None
     if not isinstance(value, str):
         return None
-    match = _SIZE.match(value)
+    match = _SIZE.fullmatch(value)
     if not match:
         return None
     unit = (match.group(2) or "B").lower()
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    return round(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def _services(value: Any) -> frozenset[Service] | None:
@@ -247,6 +247,8 @@ def _path_against(base: Path) -> Callable[[Any], Path | None]:
     return convert
 
 
+_SECONDS = "seconds, above 0 and at most 86400"
+_AE_ALLOWED = "an AE title of 1-16 characters, no backslash or control characters"
 _SERVICES_ALLOWED = "a list of " + ", ".join(s.value for s in Service)
 _TOP_KEYS = tuple(f.name for f in fields(Config) if f.name != "source")
 
@@ -266,7 +268,7 @@ def _peers(reader: _Reader) -> dict[str, Peer]:
                 raise ConfigError(f"{reader.where}: key 'peers.{name}.{required}' is required")
         peers[name] = Peer(
             name=name,
-            ae_title=sub.get("ae_title", "", _ae_title, "an AE title of 1-16 characters"),
+            ae_title=sub.get("ae_title", "", _ae_title, _AE_ALLOWED),
             host=sub.get("host", "", _text, "a host name or address"),
             port=sub.get("port", 0, _int_in(1, 65535), "a port number from 1 to 65535"),
             services=sub.get("services", frozenset(), _services, _SERVICES_ALLOWED),
@@ -298,7 +300,7 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
     store.check_keys(tuple(f.name for f in fields(StoreSettings)))
     ds = StoreSettings()
     return Config(
-        ae_title=top.get("ae_title", d.ae_title, _ae_title, "an AE title of 1-16 characters"),
+        ae_title=top.get("ae_title", d.ae_title, _ae_title, _AE_ALLOWED),
         host=top.get("host", d.host, _text, "a host name or address to listen on"),
         port=top.get("port", d.port, _int_in(0, 65535), "a port number from 0 to 65535"),
         storage_dir=top.get("storage_dir", base_dir / d.storage_dir, path, "a folder path"),
@@ -322,14 +324,12 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
                 _int_in(4096, 16 * 1024**2),
                 "an integer from 4096 to 16777216 (bytes)",
             ),
-            acse_timeout=limits.get(
-                "acse_timeout", dl.acse_timeout, _positive_seconds, "seconds, above 0"
-            ),
+            acse_timeout=limits.get("acse_timeout", dl.acse_timeout, _positive_seconds, _SECONDS),
             dimse_timeout=limits.get(
-                "dimse_timeout", dl.dimse_timeout, _positive_seconds, "seconds, above 0"
+                "dimse_timeout", dl.dimse_timeout, _positive_seconds, _SECONDS
             ),
             network_timeout=limits.get(
-                "network_timeout", dl.network_timeout, _positive_seconds, "seconds, above 0"
+                "network_timeout", dl.network_timeout, _positive_seconds, _SECONDS
             ),
         ),
         store=StoreSettings(
@@ -364,6 +364,8 @@ def load_config(path: Path | str | None = None) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from exc
+    except UnicodeError as exc:
+        raise ConfigError(f"{path}: the configuration must be UTF-8 text: {exc}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -372,7 +374,9 @@ def load_config(path: Path | str | None = None) -> Config:
     return replace(config, source=path.resolve())
 
 
-_ADDRESS = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$")
+_ADDRESS = re.compile(
+    r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$"
+)
 
 
 def resolve_peer(config: Config, text: str) -> Peer:

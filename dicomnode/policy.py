@@ -36,7 +36,7 @@ from pynetdicom.presentation import (
     VerificationPresentationContexts,
 )
 
-from dicomnode.config import Service
+from dicomnode.config import Service, valid_ae_title
 
 
 class ConformanceError(ValueError):
@@ -50,7 +50,7 @@ _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 def is_valid_uid(value: str) -> bool:
     """PS3.5 9.1: dot-separated numeric components, no leading zeros, at most 64 characters."""
-    return len(value) <= 64 and bool(_UID.match(value))
+    return len(value) <= 64 and bool(_UID.fullmatch(value))
 
 
 def _abstract_syntaxes(contexts: Iterable[Any]) -> tuple[str, ...]:
@@ -81,7 +81,8 @@ _QR = _abstract_syntaxes(QueryRetrievePresentationContexts)
 SERVICE_SOP_CLASSES: Mapping[Service, tuple[str, ...]] = {
     Service.ECHO: _abstract_syntaxes(VerificationPresentationContexts),
     Service.STORE: _abstract_syntaxes(AllStoragePresentationContexts),
-    Service.FIND: tuple(uid for uid in _QR if UID_dictionary[uid][0].endswith("FIND")),
+    # Every Q/R model that is not a retrieve is a query (the FIND models and Repository Query).
+    Service.FIND: tuple(uid for uid in _QR if not UID_dictionary[uid][0].endswith(("MOVE", "GET"))),
     Service.MOVE: tuple(uid for uid in _QR if UID_dictionary[uid][0].endswith("MOVE")),
     Service.GET: tuple(uid for uid in _QR if UID_dictionary[uid][0].endswith("GET")),
     Service.WORKLIST: _abstract_syntaxes(BasicWorklistManagementPresentationContexts),
@@ -115,6 +116,12 @@ def service_of(sop_class: str) -> Service | None:
     return None
 
 
+_GROUPED_UIDS: Mapping[str, frozenset[str]] = {
+    "SOP class": frozenset(uid for group in SOP_CLASS_GROUPS.values() for uid in group),
+    "transfer syntax": frozenset(TRANSFER_SYNTAX_GROUPS["all"]),
+}
+
+
 def _resolve(
     names: Any, groups: Mapping[str, tuple[str, ...]], kind: str, where: str
 ) -> tuple[str, ...]:
@@ -133,13 +140,15 @@ def _resolve(
         wanted = "Transfer Syntax" if kind == "transfer syntax" else "SOP Class"
         if name in _KEYWORDS and _KEYWORDS[name][1] == wanted:
             out[_KEYWORDS[name][0]] = None
-        elif name in UID_dictionary and UID_dictionary[name][1] == wanted:
+        elif (
+            name in UID_dictionary and UID_dictionary[name][1] == wanted
+        ) or name in _GROUPED_UIDS[kind]:
             out[name] = None
         else:
+            example = "CTImageStorage" if wanted == "SOP Class" else "ExplicitVRLittleEndian"
             raise ConformanceError(
                 f"{where}: unknown {kind} {name!r}; allowed: a {kind} keyword as pydicom names "
-                f"it (e.g. {'ExplicitVRLittleEndian' if wanted != 'SOP Class' else 'CTImageStorage'}"
-                f"), its UID, or a group: {', '.join(groups)}"
+                f"it (e.g. {example}), its UID, or a group: {', '.join(groups)}"
             )
     return tuple(out)
 
@@ -218,7 +227,7 @@ class Profile:
 
 @dataclass(frozen=True)
 class PeerOverride:
-    """Per calling AE: a replacement accept list and/or a narrowing of every transfer syntax list."""
+    """Per calling AE: a replacement accept list and/or a narrowing of every syntax list."""
 
     accept: Mapping[str, AcceptedClass] | None = None
     transfer_syntaxes: tuple[str, ...] | None = None
@@ -303,7 +312,9 @@ def _accept_list(rules: Any, where: str) -> dict[str, AcceptedClass]:
         for required in ("sop_classes", "transfer_syntaxes"):
             if required not in rule:
                 raise ConformanceError(f"{here}: key {required!r} is required")
-        classes = _resolve(rule["sop_classes"], SOP_CLASS_GROUPS, "SOP class", f"{here}.sop_classes")
+        classes = _resolve(
+            rule["sop_classes"], SOP_CLASS_GROUPS, "SOP class", f"{here}.sop_classes"
+        )
         syntaxes = _resolve(
             rule["transfer_syntaxes"],
             TRANSFER_SYNTAX_GROUPS,
@@ -336,7 +347,9 @@ def _apply_roles(accepted: dict[str, AcceptedClass], roles: Any, where: str) -> 
             if not isinstance(value, bool):
                 raise ConformanceError(f"{here}.{key}: must be true or false, got {value!r}")
             flags[key] = value
-        classes = _resolve(rule["sop_classes"], SOP_CLASS_GROUPS, "SOP class", f"{here}.sop_classes")
+        classes = _resolve(
+            rule["sop_classes"], SOP_CLASS_GROUPS, "SOP class", f"{here}.sop_classes"
+        )
         for uid in classes:
             if uid in accepted:
                 accepted[uid] = replace(accepted[uid], scu_role=flags["scu"], scp_role=flags["scp"])
@@ -357,16 +370,27 @@ def parse_policy(data: Any, where: str = "conformance") -> Policy:
         raise ConformanceError(f"{where}: peers: must be a mapping of calling AE title to override")
     for aet, override in raw_peers.items():
         here = f"{where}: peers.{aet}"
-        if not isinstance(aet, str) or not 0 < len(aet.strip()) <= 16:
-            raise ConformanceError(f"{here}: keys are calling AE titles of 1-16 characters")
+        if not isinstance(aet, str) or not valid_ae_title(aet):
+            raise ConformanceError(
+                f"{here}: keys are calling AE titles of 1-16 characters, no backslash or "
+                "control characters"
+            )
+        if aet.strip() in peers:
+            raise ConformanceError(f"{here}: the AE title {aet.strip()!r} appears twice")
         if not isinstance(override, dict) or not override:
-            raise ConformanceError(f"{here}: must be a mapping with accept and/or transfer_syntaxes")
+            raise ConformanceError(
+                f"{here}: must be a mapping with accept and/or transfer_syntaxes"
+            )
         _check_keys(override, ("accept", "transfer_syntaxes", "roles"), here)
         peer_accept = None
         if "accept" in override:
             peer_accept = _accept_list(override["accept"], f"{here}.accept")
             _apply_roles(peer_accept, data.get("roles"), f"{where}: roles")
-            _apply_roles(peer_accept, override.get("roles"), f"{here}.roles")
+        if "roles" in override:
+            # Roles for this caller only: on its own accept list, or on a copy of the global one.
+            if peer_accept is None:
+                peer_accept = dict(accept)
+            _apply_roles(peer_accept, override["roles"], f"{here}.roles")
         syntaxes = None
         if "transfer_syntaxes" in override:
             syntaxes = _resolve(
@@ -387,6 +411,8 @@ def load_policy(path: Path | None) -> Policy:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConformanceError(f"{path}: cannot read the conformance file: {exc.strerror}") from exc
+    except UnicodeError as exc:
+        raise ConformanceError(f"{path}: the conformance file must be UTF-8 text: {exc}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

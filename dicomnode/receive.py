@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import UID
 from pynetdicom import _config, dimse_messages, dsutils
 
 from dicomnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -140,9 +141,9 @@ def install_receive_hooks() -> None:
         raise RuntimeError("this pynetdicom version lacks the chunked-receive names we hook")
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = _temp_file
-    dimse_messages.create_file_meta = functools.partial(
+    dimse_messages.create_file_meta = functools.partial(  # type: ignore[attr-defined]
         dsutils.create_file_meta,
-        implementation_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_uid=UID(IMPLEMENTATION_CLASS_UID),
         implementation_version=IMPLEMENTATION_VERSION_NAME,
     )
     _installed = True

@@ -48,9 +48,10 @@ def on_requested(event: Event, node: Node) -> None:
         assoc.acse.send_reject(*REJECT_CALLING_AE_NOT_RECOGNIZED)
         return
     assoc.acceptor.supported_contexts = node.contexts_for(profile)
+    request = assoc.requestor.primitive
     proposed = [
-        (cx.context_id, str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
-        for cx in assoc.requestor.primitive.presentation_context_definition_list
+        (int(cx.context_id or 0), str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
+        for cx in (request.presentation_context_definition_list if request else [])
     ]
     decisions = profile.negotiate(proposed)
     node.remember_decisions(assoc, decisions)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from dicomnode.archive import StoreRequest
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def handle_store(event: Event, node: Node) -> Status:
-    request = event.request
+    request = cast(C_STORE, event.request)
     calling = node.calling_ae_title(event.assoc)
     sop_class = str(request.AffectedSOPClassUID or "")
     sop_instance = str(request.AffectedSOPInstanceUID or "")
@@ -69,6 +70,6 @@ def _failed(event: Event, node: Node, status: Status, reason: str) -> Status:
         node.calling_ae_title(event.assoc),
         describe(status),
         reason,
-        event.request.AffectedSOPInstanceUID,
+        cast(C_STORE, event.request).AffectedSOPInstanceUID,
     )
     return status

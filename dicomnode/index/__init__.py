@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 __all__ = ["DuplicateInstance", "Index", "IndexError_", "InstanceRecord", "NewInstance"]
 
 
-class IndexError_(RuntimeError):  # noqa: N801 - "IndexError" would shadow the builtin
+class IndexError_(RuntimeError):
     """The index could not be opened or written."""
 
 
@@ -175,7 +175,8 @@ class Index:
                 .group_by(Study.id)
                 .order_by(Study.study_date.desc(), Study.id)
             )
-            yield from query.dicts()
+            rows: Iterator[dict[str, Any]] = query.dicts().iterator()
+            yield from rows
 
     def instances(self, study_uid: str | None = None) -> Iterator[dict[str, Any]]:
         """Every instance (of one study, if given) with its series and study UIDs."""
@@ -188,7 +189,8 @@ class Index:
             )
             if study_uid is not None:
                 query = query.where(Study.study_uid == study_uid)
-            yield from query.dicts()
+            rows: Iterator[dict[str, Any]] = query.dicts().iterator()
+            yield from rows
 
     # --- writes ----------------------------------------------------------------------------
 
@@ -229,11 +231,12 @@ class Index:
 
     def _series_for(self, new: NewInstance) -> Series:
         """Find or create the patient, study and series of ``new`` (inside a transaction)."""
-        patient, _ = Patient.get_or_create(
-            patient_id=new.patient["patient_id"],
-            issuer=new.patient["issuer"],
-            defaults=new.patient,
+        patient = Patient.get_or_none(
+            (Patient.patient_id == new.patient["patient_id"])
+            & (Patient.issuer == new.patient["issuer"])
         )
+        if patient is None:
+            patient = Patient.create(**new.patient)
         study = Study.get_or_none(Study.study_uid == new.study["study_uid"])
         if study is None:
             study = Study.create(patient=patient, **new.study)

@@ -12,6 +12,8 @@ SCHEMA_VERSION = 1
 
 
 class BaseModel(pw.Model):
+    id = pw.AutoField()
+
     class Meta:
         legacy_table_names = False
 
@@ -34,6 +36,7 @@ class Patient(BaseModel):
 
 class Study(BaseModel):
     patient = pw.ForeignKeyField(Patient, backref="studies", on_delete="RESTRICT")
+    patient_id: int  # peewee's accessor for the foreign key column
     study_uid = pw.TextField(unique=True)
     study_date = pw.TextField(default="", index=True)
     study_time = pw.TextField(default="")
@@ -47,6 +50,7 @@ class Study(BaseModel):
 
 class Series(BaseModel):
     study = pw.ForeignKeyField(Study, backref="series", on_delete="RESTRICT")
+    study_id: int  # peewee's accessor for the foreign key column
     series_uid = pw.TextField(unique=True)
     series_number = pw.IntegerField(null=True)
     modality = pw.TextField(default="", index=True)

@@ -1,0 +1,174 @@
+"""Run a real dicomnode (``dicomnode serve`` in a subprocess) for tests, on a free port."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+START_TIMEOUT = 30.0
+
+
+@dataclass
+class RunningNode:
+    root: Path
+    config_path: Path
+    ae_title: str
+    host: str
+    port: int
+    proc: subprocess.Popen[str]
+    log_path: Path
+
+    @property
+    def storage(self) -> Path:
+        return self.root / "storage"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "index.sqlite"
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def rows(self, sql: str, *params: Any) -> list[sqlite3.Row]:
+        """Query the node's real index file (read-only, its own connection)."""
+        con = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=10)
+        con.row_factory = sqlite3.Row
+        try:
+            return con.execute(sql, params).fetchall()
+        finally:
+            con.close()
+
+    def instance(self, sop_instance_uid: str) -> sqlite3.Row | None:
+        found = self.rows("SELECT * FROM instance WHERE sop_instance_uid = ?", sop_instance_uid)
+        return found[0] if found else None
+
+    def stored_files(self) -> list[Path]:
+        return sorted(p for p in (self.storage / "objects").rglob("*") if p.is_file())
+
+    def temp_files(self) -> list[Path]:
+        return sorted((self.storage / "tmp").iterdir())
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        """The log once it contains ``text`` (the node writes a line per event, flushed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            content = self.log()
+            if text in content:
+                return content
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} not logged within {timeout}s; log:\n{self.log()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def write_config(root: Path, ae_title: str = "DICOMNODE", **settings: Any) -> Path:
+    """A configuration for a node rooted at ``root`` listening on a free loopback port."""
+    root.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {
+        "ae_title": ae_title,
+        "host": "127.0.0.1",
+        "port": 0,
+        "storage_dir": "storage",
+        "database": "index.sqlite",
+        "log_level": "DEBUG",
+        "store": {"min_free_space": 0},
+    }
+    for key, value in settings.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = root / "dicomnode.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+@contextmanager
+def run_node(
+    root: Path, conformance: dict[str, Any] | None = None, **settings: Any
+) -> Iterator[RunningNode]:
+    """Start ``dicomnode serve`` and yield once it prints its listening line; stop it after."""
+    if conformance is not None:
+        (root / "conformance.yaml").parent.mkdir(parents=True, exist_ok=True)
+        (root / "conformance.yaml").write_text(yaml.safe_dump(conformance), encoding="utf-8")
+        settings["conformance"] = "conformance.yaml"
+    config = write_config(root, **settings)
+    log_path = root / "node.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dicomnode.cli", "--config", str(config), "serve"],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+            env=env,
+        )
+    try:
+        host, port = _await_listening(proc, log_path)
+        node = RunningNode(
+            root=root,
+            config_path=config,
+            ae_title=settings.get("ae_title", "DICOMNODE"),
+            host=host,
+            port=port,
+            proc=proc,
+            log_path=log_path,
+        )
+        yield node
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _await_listening(proc: subprocess.Popen[str], log_path: Path) -> tuple[str, int]:
+    assert proc.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            if not selector.select(timeout=deadline - time.monotonic()):
+                break
+            line = proc.stdout.readline()
+            if not line:  # the node exited
+                break
+            if " listening on " in line:
+                address = line.rsplit(" listening on ", 1)[1].strip()
+                host, _, port = address.rpartition(":")
+                return host, int(port)
+    finally:
+        selector.close()
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"dicomnode did not start; log:\n{log_path.read_text()}")

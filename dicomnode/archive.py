@@ -20,9 +20,10 @@ from typing import BinaryIO
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.config import Config, DuplicatePolicy
+from dicomnode.encoding import EncodingError, check_dataset
 from dicomnode.index import DuplicateInstance, Index, IndexError_, NewInstance
 from dicomnode.policy import is_valid_uid, uid_name
 from dicomnode.status import Status
@@ -183,8 +184,9 @@ def _read_and_check(path: Path, request: StoreRequest) -> Dataset:
     try:
         with path.open("rb") as fp:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=4096)
-            pixel_offset = fp.tell()
-            _check_tail(fp, pixel_offset, path.stat().st_size, request.transfer_syntax)
+            if request.transfer_syntax != DeflatedExplicitVRLittleEndian:
+                start = _dataset_offset(fp)
+                check_dataset(fp, start, path.stat().st_size, request.transfer_syntax)
             # Touch every attribute the index needs now, so decoding errors surface here.
             for keyword in (
                 "SOPClassUID",
@@ -215,6 +217,31 @@ def _read_and_check(path: Path, request: StoreRequest) -> Dataset:
     return ds
 
 
+# What pydicom raises on data it cannot read (it has no single exception type for that).
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    ValueError,
+    KeyError,
+    TypeError,
+    EOFError,
+    OSError,
+    struct.error,
+    NotImplementedError,
+    AttributeError,
+    LookupError,
+)
+
+
+def _dataset_offset(fp: BinaryIO) -> int:
+    """Where the data set starts in our Part 10 file: after the preamble, "DICM" and the File
+    Meta group, whose (0002,0000) group length we wrote ourselves (PS3.10 7.1)."""
+    fp.seek(132)
+    header = fp.read(12)
+    if len(header) < 12 or header[:4] != b"\x02\x00\x00\x00" or header[4:6] != b"UL":
+        raise EncodingError("File Meta group length missing")
+    return 144 + int(struct.unpack("<I", header[8:12])[0])
+
+
 def _check_identity(ds: Dataset, request: StoreRequest) -> None:
     """PS3.4 B.2.3: the data set must be the instance the request names (else A900)."""
     sop_class = str(ds.get("SOPClassUID", "") or "")
@@ -241,76 +268,3 @@ def _check_identity(ds: Dataset, request: StoreRequest) -> None:
             raise Rejected(
                 Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing or not a valid UID"
             )
-
-
-_ITEM = 0xFFFEE000
-_SEQ_DELIM = 0xFFFEE0DD
-_UNDEFINED = 0xFFFFFFFF
-# Explicit VR with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
-
-
-def _check_tail(fp: BinaryIO, offset: int, size: int, transfer_syntax: str) -> None:
-    """Walk the top-level elements from (7FE0,0010) to the end by their headers, without reading
-    values: a data set whose pixel data (or anything after it) is cut short is refused.
-
-    pydicom stopped before the pixel data and left ``fp`` there. Deflated data sets are inflated
-    by pydicom as a whole, so their tail was already parsed.
-    """
-    if transfer_syntax == DeflatedExplicitVRLittleEndian or offset >= size:
-        return
-    implicit = transfer_syntax == ImplicitVRLittleEndian
-    endian = ">" if transfer_syntax == ExplicitVRBigEndian else "<"
-    fp.seek(offset)
-    while True:
-        position = fp.tell()
-        if position == size:
-            return
-        header = fp.read(8)
-        if len(header) < 8:
-            raise EOFError("element header cut short")
-        group, element = struct.unpack(f"{endian}HH", header[:4])
-        if implicit:
-            length = struct.unpack("<I", header[4:])[0]
-        elif header[4:6] in _LONG_VRS:
-            rest = fp.read(4)
-            if len(rest) < 4:
-                raise EOFError("element header cut short")
-            length = struct.unpack(f"{endian}I", rest)[0]
-        else:
-            length = struct.unpack(f"{endian}H", header[6:])[0]
-        if length == _UNDEFINED:
-            _skip_items(fp, size, endian)
-        elif fp.tell() + length > size:
-            raise EOFError(f"element ({group:04X},{element:04X}) runs past the end of the data")
-        else:
-            fp.seek(length, 1)
-
-
-def _skip_items(fp: BinaryIO, size: int, endian: str) -> None:
-    """Skip an undefined-length value (encapsulated fragments, PS3.5 A.4) to its delimiter."""
-    while True:
-        header = fp.read(8)
-        if len(header) < 8:
-            raise EOFError("undefined-length value without a sequence delimiter")
-        group, element, length = struct.unpack(f"{endian}HHI", header)
-        tag = (group << 16) | element
-        if tag == _SEQ_DELIM:
-            return
-        if tag != _ITEM or length == _UNDEFINED or fp.tell() + length > size:
-            raise EOFError("malformed item in an undefined-length value")
-        fp.seek(length, 1)

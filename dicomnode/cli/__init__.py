@@ -49,6 +49,8 @@ def setup_logging(verbosity: int, default: str = "WARNING") -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
     # pynetdicom logs every PDU at DEBUG and identifiers at INFO; keep it one step quieter.
     logging.getLogger("pynetdicom").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    # peewee logs every SQL statement and pool hand-over at DEBUG.
+    logging.getLogger("peewee").setLevel(logging.INFO)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -46,6 +46,9 @@ def on_requested(event: Event, node: Node) -> None:
             address,
         )
         assoc.acse.send_reject(*REJECT_CALLING_AE_NOT_RECOGNIZED)
+        # As pynetdicom does after its own rejections: let the DUL send the A-ASSOCIATE-RJ
+        # before the connection is shut down.
+        assoc.kill()
         return
     assoc.acceptor.supported_contexts = node.contexts_for(profile)
     request = assoc.requestor.primitive

@@ -17,12 +17,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, NamedTuple
 
+import psutil
 import pytest
-
-try:
-    import psutil
-except ImportError:  # pragma: no cover - psutil is a test dependency; TCP probing still works
-    psutil = None  # type: ignore[assignment]
 
 LOOPBACK = "127.0.0.1"
 READY_TIMEOUT = 20.0
@@ -123,9 +119,9 @@ def _log_file(log_path: Path | None) -> Iterator[IO[bytes] | int]:
 def _await_listening(proc: subprocess.Popen[bytes], host: str, port: int, timeout: float) -> bool:
     """True once ``proc`` listens on ``port``; False if it exited first.
 
-    Polls (bounded by ``timeout``) whether the process owns a listening socket on the port, or
-    without psutil whether a TCP connect succeeds; between polls it waits on the process itself,
-    so an early exit (port taken, bad option) is seen at once. The interval grows from 5 ms.
+    Polls (bounded by ``timeout``) whether the process owns a listening socket on the port;
+    between polls it waits on the process itself, so an early exit (port taken, bad option) is
+    seen at once. The interval grows from 5 ms to 200 ms.
     """
     deadline = time.monotonic() + timeout
     interval = 0.005
@@ -136,28 +132,26 @@ def _await_listening(proc: subprocess.Popen[bytes], host: str, port: int, timeou
             return True
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ServerDidNotStart(f"{proc.args} did not listen on {port} within {timeout} s")
+            raise ServerDidNotStart(f"pid {proc.pid} did not listen on {port} within {timeout} s")
         with suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=min(interval, remaining))
         interval = min(interval * 2, 0.2)
 
 
 def _listens(proc: subprocess.Popen[bytes], host: str, port: int) -> bool:
-    if psutil is not None:
-        # Checks that *our* process holds the listening socket, not some other program that
-        # happened to take the port.
-        try:
-            connections = psutil.Process(proc.pid).net_connections(kind="tcp")
-        except psutil.Error:
-            return False
-        return any(
-            c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections
-        )
+    # Asks whether *our* process holds the listening socket, so a program that happened to take
+    # the port in between is never mistaken for the server.
     try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
+        connections = psutil.Process(proc.pid).net_connections(kind="tcp")
+    except psutil.NoSuchProcess:
         return False
+    except psutil.AccessDenied:  # some platforms hide sockets; then a TCP connect must do
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -242,7 +242,8 @@ def _path_against(base: Path) -> Callable[[Any], Path | None]:
         if not isinstance(value, str) or not value.strip():
             return None
         path = Path(value).expanduser()
-        return path if path.is_absolute() else base / path
+        # normpath, not resolve: "config/../var" reads as "var" in logs, symlinks stay as given.
+        return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
     return convert
 

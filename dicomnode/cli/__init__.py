@@ -53,7 +53,30 @@ def setup_logging(verbosity: int, default: str = "WARNING") -> None:
     logging.getLogger("peewee").setLevel(logging.INFO)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _UsageError(click.UsageError):
+    exit_code = int(ExitCode.USAGE)
+
+
+class _Group(click.Group):
+    """The group; a usage error anywhere exits with :attr:`ExitCode.USAGE` (click's own code 2
+    is our FAILURE)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except _UsageError:
+            raise
+        except click.UsageError as exc:
+            raise _UsageError(exc.format_message(), exc.ctx) from exc
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _UsageError(exc.format_message(), exc.ctx) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",

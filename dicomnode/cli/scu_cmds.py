@@ -17,24 +17,6 @@ from dicomnode.config import Config, ConfigError, Peer, resolve_peer
 from dicomnode.status import Category, ExitCode, category, describe, exit_code
 
 
-class _UsageError(click.UsageError):
-    """A usage error that exits with our USAGE code (click's own is 2, our FAILURE)."""
-
-    exit_code = int(ExitCode.USAGE)
-
-
-class _Command(click.Command):
-    """A command whose argument errors exit with :attr:`ExitCode.USAGE`."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except _UsageError:
-            raise
-        except click.UsageError as exc:
-            raise _UsageError(exc.format_message(), exc.ctx) from exc
-
-
 def _setup(state: CliState) -> Config:
     setup_logging(state.verbosity)
     if state.verbosity <= 0:
@@ -56,7 +38,7 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-@click.command("echo", cls=_Command)
+@click.command("echo")
 @click.argument("peer")
 @pass_state
 def echo_cmd(state: CliState, peer: str) -> None:
@@ -81,7 +63,7 @@ def echo_cmd(state: CliState, peer: str) -> None:
     sys.exit(exit_code([category(result.status)]))
 
 
-@click.command("send", cls=_Command)
+@click.command("send")
 @click.argument("peer")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @pass_state

@@ -4,8 +4,8 @@ byte for byte and indexed with the right values."""
 from __future__ import annotations
 
 import sqlite3
-import sys
 import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 

@@ -76,10 +76,6 @@ class Archive:
     def close(self) -> None:
         self.index.close()
 
-    def has_room(self) -> bool:
-        """False when free space is under the configured floor (store.min_free_space)."""
-        return self.storage.free_space() >= self.config.store.min_free_space
-
     def store(self, temp: Path, request: StoreRequest) -> StoreOutcome:
         """Store the Part 10 file ``temp`` (in ``storage.tmp``) received for ``request``.
 

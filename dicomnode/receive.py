@@ -54,7 +54,14 @@ class ReceiveFile:
 
     def write(self, data: bytes) -> int:
         if self._fh is not None:
-            self._fh.write(data)
+            try:
+                self._fh.write(data)
+            except OSError as exc:
+                # The disk filled up (or failed) mid-transfer. Keep reading the message off the
+                # wire so the association stays usable, write nothing more, and let the handler
+                # answer A700 (PS3.4 B.2.3: refused, out of resources).
+                self.refused = f"could not write the received data set: {exc.strerror or exc}"
+                self.discard()
         self.size += len(data)
         return len(data)
 
@@ -63,8 +70,13 @@ class ReceiveFile:
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()  # flushes the buffer: the last write error can surface here
+            except OSError as exc:
+                self.refused = f"could not write the received data set: {exc.strerror or exc}"
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
 
     def discard(self) -> None:
         self.close()

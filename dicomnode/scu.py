@@ -386,7 +386,7 @@ def _inspect(path: Path) -> DicomFile | Skipped | _Directory:
     if str(media_class) != sop_class_uid or str(media_instance) != sop_instance_uid:
         log.info("%s: File Meta UIDs differ from the data set's; it will be sent decoded", path)
         return DicomFile(path, sop_class_uid, sop_instance_uid, str(transfer_syntax), False)
-    # Message fragments have even lengths (PS3.7 Annex F in older editions; DCMTK aborts the
+    # Encoded data sets have even lengths (PS3.5 7.1: every value field is even; DCMTK aborts the
     # association on an odd one). A data set can end on an odd byte in the deflated transfer
     # syntax, whose stream is padded with one trailing null byte (PS3.5 A.5); pynetdicom pads
     # only when it encodes the data set itself, so such files (and malformed odd ones) are sent

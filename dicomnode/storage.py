@@ -83,16 +83,16 @@ class Storage:
         The caller has finished writing ``temp``. Its data is fsynced, it is renamed to a new
         random name, and the folders that changed are fsynced.
         """
-        fd = os.open(temp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         name = secrets.token_hex(16)
         folder = self.objects / name[:2] / name[2:4]
-        created = self._make_folders(folder)
         target = folder / f"{name}.dcm"
         try:
+            fd = os.open(temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            created = self._make_folders(folder)
             # os.link + unlink would refuse to overwrite, but a 128-bit random name cannot clash
             # in practice; rename keeps it one atomic step.
             os.rename(temp, target)

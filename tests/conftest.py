@@ -12,11 +12,6 @@ import pytest
 from tests.support.node import RunningNode, run_node
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Tests run the node and the CLI as subprocesses of this interpreter; nothing more to set up.
-    del config
-
-
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[RunningNode]:
     """A fresh node with the built-in policy, its own storage and index under tmp_path."""

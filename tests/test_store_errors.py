@@ -199,3 +199,18 @@ def test_abort_mid_transfer_leaves_nothing(node: RunningNode) -> None:
     node.wait_for_log("partial data set(s) discarded")
     assert_nothing_stored(node)
     assert_still_serving(node)
+
+
+def test_leftover_temp_files_removed_at_start_up(tmp_path: Path) -> None:
+    """What a crash left in storage/tmp (a half-received data set) is gone once the node runs,
+    and was never indexed."""
+    tmp = tmp_path / "node" / "storage" / "tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "rx-0123.part").write_bytes(b"\x00" * 1000)
+    (tmp / "stale-folder").mkdir()
+    (tmp / "stale-folder" / "x").write_bytes(b"x")
+    with run_node(tmp_path / "node") as node:
+        assert node.temp_files() == []
+        assert "removed 2 leftover temporary file(s)" in node.log()
+        assert node.rows("PRAGMA user_version")[0][0] == 1  # the schema version is recorded
+        assert_nothing_stored(node)

@@ -76,14 +76,29 @@ class _Group(click.Group):
             raise _UsageError(exc.format_message(), exc.ctx) from exc
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
+def _config_here(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    """``--config`` after a subcommand's name overrides the one before it."""
+    if value is not None:
+        state = ctx.find_object(CliState)
+        if state is not None:
+            state.config_path, state._config = value, None
+
+
+_CONFIG_HELP = f"Configuration YAML (default: ${CONFIG_ENV}, else built-in defaults)."
+_CONFIG_TYPE = click.Path(dir_okay=False, path_type=Path)
+# The shared option, declared once: accepted before the subcommand (dicomnode --config F serve)
+# and after it (dicomnode serve --config F), where ``with_config`` adds it.
+with_config = click.option(
     "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=CONFIG_ENV,
-    help=f"Configuration YAML (default: ${CONFIG_ENV}, else built-in defaults).",
+    type=_CONFIG_TYPE,
+    expose_value=False,
+    callback=_config_here,
+    help=_CONFIG_HELP,
 )
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=_CONFIG_TYPE, envvar=CONFIG_ENV, help=_CONFIG_HELP)
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.version_option(package_name="dicomnode")

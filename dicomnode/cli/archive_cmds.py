@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from dicomnode.cli import CliState, pass_state, setup_logging
+from dicomnode.cli import CliState, pass_state, setup_logging, with_config
 from dicomnode.index import Index, IndexError_
 from dicomnode.status import ExitCode
 
@@ -31,6 +31,7 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 @click.command("list")
+@with_config
 @click.option("--instances", is_flag=True, help="One line per instance instead of per study.")
 @click.option("--study", "study_uid", help="Only this Study Instance UID (with --instances).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from dicomnode import scu
-from dicomnode.cli import CliState, pass_state, setup_logging
+from dicomnode.cli import CliState, pass_state, setup_logging, with_config
 from dicomnode.config import Config, ConfigError, Peer, resolve_peer
 from dicomnode.status import Category, ExitCode, category, describe, exit_code
 
@@ -39,6 +39,7 @@ def _plural(count: int, word: str) -> str:
 
 
 @click.command("echo")
+@with_config
 @click.argument("peer")
 @pass_state
 def echo_cmd(state: CliState, peer: str) -> None:
@@ -64,6 +65,7 @@ def echo_cmd(state: CliState, peer: str) -> None:
 
 
 @click.command("send")
+@with_config
 @click.argument("peer")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @pass_state

@@ -6,12 +6,13 @@ import sys
 
 import click
 
-from dicomnode.cli import CliState, pass_state, setup_logging
+from dicomnode.cli import CliState, pass_state, setup_logging, with_config
 from dicomnode.policy import ConformanceError, load_policy
 from dicomnode.status import ExitCode
 
 
 @click.command("serve")
+@with_config
 @pass_state
 def serve_cmd(state: CliState) -> None:
     """Run the node in the foreground until SIGTERM or Ctrl-C.

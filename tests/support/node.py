@@ -121,7 +121,7 @@ def run_node(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dicomnode.cli", "--config", str(config), "serve"],
+            [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(config)],
             stdout=subprocess.PIPE,
             stderr=log_file,
             text=True,

@@ -1,0 +1,34 @@
+"""The receive file that stands in for pynetdicom's temporary file, on a real full device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomnode.receive import ReceiveFile
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_write_error_mid_transfer_refuses_and_keeps_reading(tmp_path: Path) -> None:
+    """ENOSPC while a data set arrives: nothing is kept, the message is still consumed, and the
+    file says why so the handler can answer A700."""
+    rx = ReceiveFile(tmp_path / "rx-1.part", owner=None, refused=None)
+    rx.write(b"x" * 100)
+    # Swap the real file for the real full device: every write now fails with ENOSPC.
+    rx._fh.close()  # type: ignore[union-attr]
+    rx._fh = Path("/dev/full").open("wb", buffering=0)  # noqa: SIM115 - closed by rx
+    assert rx.write(b"y" * 4096) == 4096  # consumed, as pynetdicom expects
+    assert rx.write(b"z" * 10) == 10
+    assert rx.refused is not None and "No space left on device" in rx.refused
+    assert not rx.path.exists()
+    rx.close()
+    assert rx.size == 100 + 4096 + 10
+
+
+def test_refused_file_writes_nothing(tmp_path: Path) -> None:
+    rx = ReceiveFile(tmp_path / "rx-2.part", owner=None, refused="free space under the floor")
+    assert rx.write(b"data") == 4
+    rx.close()
+    assert not rx.path.exists()
+    assert list(tmp_path.iterdir()) == []

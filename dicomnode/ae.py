@@ -19,7 +19,7 @@ from dicomnode.config import Config
 from dicomnode.handlers import association as assoc_handlers
 from dicomnode.handlers.echo import handle_echo
 from dicomnode.handlers.store import handle_store
-from dicomnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomnode.identity import new_ae
 from dicomnode.policy import Decision, Policy, Profile
 from dicomnode.receive import Receiver, install_receive_hooks
 
@@ -43,15 +43,8 @@ class Node:
         self._per_assoc: dict[int, dict[str, Any]] = {}
 
     def _build_ae(self) -> AE:
-        limits = self.config.limits
-        ae = AE(ae_title=self.config.ae_title)
-        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        ae.maximum_pdu_size = limits.max_pdu_size
-        ae.maximum_associations = limits.max_associations
-        ae.acse_timeout = limits.acse_timeout
-        ae.dimse_timeout = limits.dimse_timeout
-        ae.network_timeout = limits.network_timeout
+        ae = new_ae(self.config)
+        ae.maximum_associations = self.config.limits.max_associations
         # The real contexts are chosen per caller in on_requested. pynetdicom deep-copies the
         # AE's list for every association, so keep that list to one context.
         ae.add_supported_context(VERIFICATION)

@@ -168,6 +168,21 @@ def _same_content(a: Path, b: Path) -> bool:
 # --- validation --------------------------------------------------------------------------------
 
 
+# What pydicom raises on data it cannot read (it has no single exception type for that).
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    ValueError,
+    KeyError,
+    TypeError,
+    EOFError,
+    OSError,
+    struct.error,
+    NotImplementedError,
+    AttributeError,
+    LookupError,
+)
+
+
 def _read_and_check(path: Path, request: StoreRequest) -> Dataset:
     """Parse what the index needs (never the pixel data) and check it against the request."""
     # PS3.5 9.1: a UID that is not a UID cannot name an instance we would ever give back.
@@ -183,49 +198,16 @@ def _read_and_check(path: Path, request: StoreRequest) -> Dataset:
             if request.transfer_syntax != DeflatedExplicitVRLittleEndian:
                 start = _dataset_offset(fp)
                 check_dataset(fp, start, path.stat().st_size, request.transfer_syntax)
-            # Touch every attribute the index needs now, so decoding errors surface here.
-            for keyword in (
-                "SOPClassUID",
-                "SOPInstanceUID",
-                "StudyInstanceUID",
-                "SeriesInstanceUID",
-            ):
-                ds.get(keyword)
+            # Decode every attribute the index needs now, so decoding errors surface here.
             NewInstance.from_dataset(ds)
-    except Rejected:
-        raise
-    except (
-        InvalidDicomError,
-        ValueError,
-        KeyError,
-        TypeError,
-        EOFError,
-        OSError,
-        struct.error,
-        NotImplementedError,
-        AttributeError,
-        LookupError,
-    ) as exc:
+    except EncodingError as exc:
+        raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from exc
+    except _PARSE_ERRORS as exc:
         raise Rejected(
             Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}"
         ) from exc
     _check_identity(ds, request)
     return ds
-
-
-# What pydicom raises on data it cannot read (it has no single exception type for that).
-_PARSE_ERRORS = (
-    InvalidDicomError,
-    ValueError,
-    KeyError,
-    TypeError,
-    EOFError,
-    OSError,
-    struct.error,
-    NotImplementedError,
-    AttributeError,
-    LookupError,
-)
 
 
 def _dataset_offset(fp: BinaryIO) -> int:

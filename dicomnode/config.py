@@ -350,6 +350,20 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
     )
 
 
+def read_yaml(path: Path, what: str, error: type[ValueError]) -> Any:
+    """The YAML document in ``path``; ``error`` with a message saying what is wrong otherwise."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what}: {exc.strerror}") from exc
+    except UnicodeError as exc:
+        raise error(f"{path}: the {what} must be UTF-8 text: {exc}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from exc
+
+
 def load_config(path: Path | str | None = None) -> Config:
     """Load the configuration from ``path``, else ``$DICOMNODE_CONFIG``, else the defaults.
 
@@ -361,16 +375,7 @@ def load_config(path: Path | str | None = None) -> Config:
     if path is None:
         return parse_config({}, Path.cwd(), "defaults")
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from exc
-    except UnicodeError as exc:
-        raise ConfigError(f"{path}: the configuration must be UTF-8 text: {exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path, "configuration", ConfigError)
     config = parse_config(data, path.resolve().parent, str(path))
     return replace(config, source=path.resolve())
 

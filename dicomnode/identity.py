@@ -4,8 +4,28 @@ The Implementation Class UID is our own, under the UUID-derived root 2.25 (PS3.5
 once for dicomnode; it must never be pynetdicom's or pydicom's default.
 """
 
+from __future__ import annotations
+
+from pynetdicom import AE
+
 from dicomnode import __version__
+from dicomnode.config import Config
 
 IMPLEMENTATION_CLASS_UID = "2.25.266543221878405816488887163786338675912"
 # PS3.7 D.3.3.2: 1-16 characters of the default repertoire.
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
+
+
+def new_ae(config: Config) -> AE:
+    """A pynetdicom AE that is us: our AE title and implementation identity, the configured
+    maximum PDU size we announce (PS3.8 D.1) and ACSE/DIMSE/network timeouts. Used by the SCP
+    (dicomnode.ae) and every SCU (dicomnode.scu)."""
+    limits = config.limits
+    ae = AE(ae_title=config.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.maximum_pdu_size = limits.max_pdu_size
+    ae.acse_timeout = limits.acse_timeout
+    ae.dimse_timeout = limits.dimse_timeout
+    ae.network_timeout = limits.network_timeout
+    return ae

@@ -19,7 +19,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import (
     AllTransferSyntaxes,
@@ -36,7 +35,7 @@ from pynetdicom.presentation import (
     VerificationPresentationContexts,
 )
 
-from dicomnode.config import Service, valid_ae_title
+from dicomnode.config import Service, read_yaml, valid_ae_title
 
 
 class ConformanceError(ValueError):
@@ -407,17 +406,7 @@ def load_policy(path: Path | None) -> Policy:
     """The policy in the YAML file at ``path``, or the built-in default when ``path`` is None."""
     if path is None:
         return default_policy()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConformanceError(f"{path}: cannot read the conformance file: {exc.strerror}") from exc
-    except UnicodeError as exc:
-        raise ConformanceError(f"{path}: the conformance file must be UTF-8 text: {exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConformanceError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_policy(data, str(path))
+    return parse_policy(read_yaml(path, "conformance file", ConformanceError), str(path))
 
 
 # The built-in default, identical to config/conformance.yaml (a test keeps them equal): every

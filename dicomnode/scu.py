@@ -35,7 +35,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 
 from dicomnode.config import Config, Peer
-from dicomnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomnode.identity import new_ae
 from dicomnode.status import Category, category
 
 log = logging.getLogger(__name__)
@@ -70,17 +70,10 @@ def make_ae(config: Config) -> AE:
     It announces our Implementation Class UID and Version Name (PS3.7 D.3.3.2), never
     pynetdicom's, and uses the configured timeouts and maximum PDU size (PS3.8 D.1).
     """
-    limits = config.limits
-    ae = AE(ae_title=config.ae_title)
-    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    ae.maximum_pdu_size = limits.max_pdu_size
-    ae.acse_timeout = limits.acse_timeout
-    ae.dimse_timeout = limits.dimse_timeout
-    ae.network_timeout = limits.network_timeout
+    ae = new_ae(config)
     # The TCP connect is the first step of association establishment (PS3.8 9.1.1); bound it by
     # the same timeout as the A-ASSOCIATE exchange rather than the operating system's default.
-    ae.connection_timeout = limits.acse_timeout
+    ae.connection_timeout = config.limits.acse_timeout
     return ae
 
 

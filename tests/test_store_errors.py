@@ -95,22 +95,31 @@ def test_invalid_sop_instance_uid(node: RunningNode, bad_uid: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "data",
+    ("data", "why"),
     [
-        pytest.param(b"\x08\x00\x16\x00UI\xff\xffgarbage", id="length-past-end"),
-        pytest.param(b"\x00" * 3, id="three-bytes"),
-        pytest.param(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + b"\xfe\xff" * 7, id="cut-header"),
         pytest.param(
-            dataset_bytes(Path(get_testdata_file("MR_truncated.dcm"))), id="truncated-pixel-data"
+            b"\x08\x00\x16\x00UI\xff\xffgarbage", "runs past the end", id="length-past-end"
+        ),
+        pytest.param(b"\x00" * 3, "element tag cut short", id="three-bytes"),
+        pytest.param(
+            b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + b"\xfe\xff\x00\xe0" + bytes(4),
+            "item tag (FFFE,E000) outside a sequence",
+            id="stray-item-tag",
+        ),
+        pytest.param(
+            dataset_bytes(Path(get_testdata_file("MR_truncated.dcm"))),
+            "element (7FE0,0010) length 8192 runs past the end",
+            id="truncated-pixel-data",
         ),
     ],
 )
-def test_data_set_that_cannot_be_parsed(node: RunningNode, data: bytes) -> None:
+def test_data_set_that_cannot_be_parsed(node: RunningNode, data: bytes, why: str) -> None:
     with associate(node, [(CT, [EXPLICIT]), (MR, [EXPLICIT])]) as assoc:
         sop_class = MR if len(data) > 1000 else CT
         got = raw_store(assoc, context_id(assoc, sop_class), sop_class, generate_uid(), data)
     assert got == Status.CANNOT_UNDERSTAND
-    node.wait_for_log("data set cannot be parsed")
+    log = node.wait_for_log("data set cannot be parsed")
+    assert why in log
     assert_nothing_stored(node)
     assert_still_serving(node)
 

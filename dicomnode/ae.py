@@ -18,6 +18,7 @@ from dicomnode.archive import Archive
 from dicomnode.config import Config
 from dicomnode.handlers import association as assoc_handlers
 from dicomnode.handlers.echo import handle_echo
+from dicomnode.handlers.find import handle_find
 from dicomnode.handlers.store import handle_store
 from dicomnode.identity import new_ae
 from dicomnode.policy import Decision, Policy, Profile
@@ -108,6 +109,7 @@ class Node:
             (evt.EVT_CONN_CLOSE, assoc_handlers.on_conn_close),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store),
+            (evt.EVT_C_FIND, handle_find),
         ]
         return [(event, handler, [self]) for event, handler in bound]
 

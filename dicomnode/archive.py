@@ -13,6 +13,7 @@ import datetime as dt
 import filecmp
 import logging
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +26,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from dicomnode.config import Config, DuplicatePolicy
 from dicomnode.encoding import EncodingError, check_dataset
 from dicomnode.index import DuplicateInstance, Index, IndexError_, NewInstance
+from dicomnode.index.query import Model, count, parse, run
 from dicomnode.policy import is_valid_uid, uid_name
 from dicomnode.status import Status
 from dicomnode.storage import Storage, StorageError
@@ -51,6 +53,10 @@ class StoreOutcome:
     replaced: bool = False  # a duplicate with different content took the stored copy's place
 
 
+class TooManyMatches(Exception):
+    """A query matched more than the configured cap; nothing was answered."""
+
+
 class Rejected(Exception):
     """Validation failed: answer ``status``; ``reason`` goes to the log."""
 
@@ -75,6 +81,23 @@ class Archive:
 
     def close(self) -> None:
         self.index.close()
+
+    def find(self, model: Model, identifier: Dataset) -> Iterator[Dataset]:
+        """C-FIND: the response identifiers for ``identifier`` in ``model``, streamed.
+
+        Raises :class:`QueryError` for an identifier that cannot be answered and
+        :class:`TooManyMatches` past ``query.max_matches``, both before the first match.
+        """
+        settings = self.config.query
+        query = parse(identifier, model, case_sensitive_names=settings.case_sensitive_names)
+        with self.index.reading():
+            matches = count(query, settings.max_matches)
+            if matches > settings.max_matches:
+                raise TooManyMatches(
+                    f"more than {settings.max_matches} matches (query.max_matches); "
+                    "narrow the query"
+                )
+            yield from run(query)
 
     def store(self, temp: Path, request: StoreRequest) -> StoreOutcome:
         """Store the Part 10 file ``temp`` (in ``storage.tmp``) received for ``request``.

@@ -109,6 +109,18 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class QuerySettings:
+    """How C-FIND matches and answers (PS3.4 C.2.2.2, C.4.1)."""
+
+    # PS3.4 C.2.2.2.1: whether person names match case-sensitively is the SCP's choice; most
+    # users expect "doe*" to find "DOE^JOHN".
+    case_sensitive_names: bool = False
+    # A query with more matches than this is refused with A700 before any match is sent, so a
+    # client never takes a silently cut list for the whole answer.
+    max_matches: int = 10000
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the node needs to run; see ``config/dicomnode.yaml`` for each key's meaning."""
 
@@ -126,6 +138,7 @@ class Config:
     unknown_peers: frozenset[Service] = frozenset({Service.ECHO, Service.STORE})
     limits: Limits = field(default_factory=Limits)
     store: StoreSettings = field(default_factory=StoreSettings)
+    query: QuerySettings = field(default_factory=QuerySettings)
     # The file this was loaded from, if any (for messages and for resolving relative paths).
     source: Path | None = None
 
@@ -300,6 +313,9 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
     store = top.sub("store")
     store.check_keys(tuple(f.name for f in fields(StoreSettings)))
     ds = StoreSettings()
+    query = top.sub("query")
+    query.check_keys(tuple(f.name for f in fields(QuerySettings)))
+    dq = QuerySettings()
     return Config(
         ae_title=top.get("ae_title", d.ae_title, _ae_title, _AE_ALLOWED),
         host=top.get("host", d.host, _text, "a host name or address to listen on"),
@@ -345,6 +361,17 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
                 ds.min_free_space,
                 parse_size,
                 "a size in bytes, or with a unit such as 500MB or 2GiB",
+            ),
+        ),
+        query=QuerySettings(
+            case_sensitive_names=query.get(
+                "case_sensitive_names",
+                dq.case_sensitive_names,
+                lambda v: v if isinstance(v, bool) else None,
+                "true or false",
+            ),
+            max_matches=query.get(
+                "max_matches", dq.max_matches, _int_in(1, 10_000_000), "an integer 1-10000000"
             ),
         ),
     )

@@ -422,6 +422,13 @@ DEFAULT_CONFORMANCE: Mapping[str, Any] = {
             "sop_classes": ["storage"],
             "transfer_syntaxes": ["uncompressed", "deflated", "compressed"],
         },
+        {
+            "sop_classes": [
+                "PatientRootQueryRetrieveInformationModelFind",
+                "StudyRootQueryRetrieveInformationModelFind",
+            ],
+            "transfer_syntaxes": ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"],
+        },
     ],
     "roles": [{"sop_classes": ["storage"], "scu": True, "scp": True}],
 }

@@ -19,6 +19,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
 EXPLICIT, IMPLICIT = UNCOMPRESSED
 
 
@@ -30,15 +31,22 @@ def accepted(assoc: object) -> dict[int, tuple[str, str]]:
 
 
 def test_default_policy_prefers_explicit_and_keeps_compressed(node: RunningNode) -> None:
-    contexts = [(CT, [IMPLICIT, EXPLICIT]), (CT, [str(JPEG2000Lossless)]), (STUDY_FIND, [IMPLICIT])]
+    contexts = [
+        (CT, [IMPLICIT, EXPLICIT]),
+        (CT, [str(JPEG2000Lossless)]),
+        (STUDY_FIND, [IMPLICIT]),
+        (WORKLIST_FIND, [IMPLICIT]),
+    ]
     with associate(node, contexts) as assoc:
         assert assoc.is_established
         assert sorted(accepted(assoc).values()) == [(CT, EXPLICIT), (CT, str(JPEG2000Lossless))]
         # Our own implementation identity, never pynetdicom's.
         assert assoc.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
         assert assoc.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
-    log = node.wait_for_log("StudyRootQueryRetrieveInformationModelFind: rejected")
+    log = node.wait_for_log("ModalityWorklistInformationModelFind: rejected")
     assert "SOP class not in the conformance policy (offered ImplicitVRLittleEndian)" in log
+    # An unknown caller may echo and store only (unknown_peers): no queries.
+    assert "StudyRootQueryRetrieveInformationModelFind: rejected, calling AE may not use" in log
     assert "association from TESTSCU at 127.0.0.1:" in log
 
 

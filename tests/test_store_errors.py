@@ -14,6 +14,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dicomnode.index.models import SCHEMA_VERSION
 from dicomnode.status import Status
 from tests.support.corpus import dataset_bytes
 from tests.support.dimse import UNCOMPRESSED, associate, context_id, echo, raw_store, store_file
@@ -221,5 +222,5 @@ def test_leftover_temp_files_removed_at_start_up(tmp_path: Path) -> None:
     with run_node(tmp_path / "node") as node:
         assert node.temp_files() == []
         assert "removed 2 leftover temporary file(s)" in node.log()
-        assert node.rows("PRAGMA user_version")[0][0] == 1  # the schema version is recorded
+        assert node.rows("PRAGMA user_version")[0][0] == SCHEMA_VERSION  # recorded
         assert_nothing_stored(node)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,24 @@ from typing import Any
 import peewee as pw
 from playhouse.pool import PooledSqliteDatabase
 
-from dicomnode.index.attributes import Level, extract
-from dicomnode.index.models import MODELS, SCHEMA_VERSION, Instance, Patient, Series, Study
+from dicomnode.index.attributes import (
+    PERSON_NAMES,
+    Level,
+    extract,
+    fold,
+    name_groups,
+    study_datetime,
+)
+from dicomnode.index.models import (
+    MODELS,
+    SCHEMA_VERSION,
+    BaseModel,
+    Instance,
+    Patient,
+    PersonName,
+    Series,
+    Study,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +131,12 @@ class Index:
         with db.atomic():
             if version == 0:
                 db.create_tables(MODELS)
-            # Later schema versions add their migration steps here, one per version.
+            else:
+                # One step per version, in order; each leaves the schema at its version.
+                for step in _MIGRATIONS[version - 1 :]:
+                    step(db)
             db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        log.info("index %s at schema version %d", self.path, SCHEMA_VERSION)
+        log.info("index %s at schema version %d (was %d)", self.path, SCHEMA_VERSION, version)
 
     def close(self) -> None:
         if self.db is not None:
@@ -130,6 +149,10 @@ class Index:
         return self.db
 
     # --- reads -----------------------------------------------------------------------------
+
+    def reading(self) -> Any:
+        """A pooled connection held for a read that spans many rows (a C-FIND's matches)."""
+        return self._database().connection_context()
 
     def existing(self, sop_instance_uid: str) -> InstanceRecord | None:
         with self._database().connection_context():
@@ -237,9 +260,15 @@ class Index:
         )
         if patient is None:
             patient = Patient.create(**new.patient)
+            _add_names(patient, Level.PATIENT)
         study = Study.get_or_none(Study.study_uid == new.study["study_uid"])
         if study is None:
-            study = Study.create(patient=patient, **new.study)
+            study = Study.create(
+                patient=patient,
+                study_datetime=study_datetime(new.study["study_date"], new.study["study_time"]),
+                **new.study,
+            )
+            _add_names(study, Level.STUDY)
         elif study.patient_id != patient.id:
             # The same Study Instance UID arrived with other patient identifiers: the study keeps
             # the patient it was first indexed under (a reconciliation issue, not ours to guess).
@@ -256,3 +285,39 @@ class Index:
                 study.modalities = "\\".join(sorted([*known, modality]))
                 study.save(only=[Study.modalities])
         return series
+
+
+def _add_names(owner: BaseModel, level: Level) -> None:
+    """The person-name match keys of a new patient or study row (see models.PersonName)."""
+    rows = [
+        {
+            "owner": owner.id,
+            "keyword": attr.keyword,
+            "group": i,
+            "value": group,
+            "folded": fold(group),
+        }
+        for attr in PERSON_NAMES
+        if attr.level is level
+        for i, group in enumerate(name_groups(getattr(owner, attr.column)))
+        if group
+    ]
+    if rows:
+        PersonName.insert_many(rows).execute()
+
+
+def _v1_to_v2(db: PooledSqliteDatabase) -> None:
+    """Add the person-name keys and the normalised study date-time, filled from what is held."""
+    db.create_tables([PersonName])
+    db.execute_sql("ALTER TABLE study ADD COLUMN study_datetime TEXT NOT NULL DEFAULT ''")
+    db.execute_sql("CREATE INDEX study_study_datetime ON study (study_datetime)")
+    for patient in Patient.select():
+        _add_names(patient, Level.PATIENT)
+    for study in Study.select():
+        study.study_datetime = study_datetime(study.study_date, study.study_time)
+        study.save(only=[Study.study_datetime])
+        _add_names(study, Level.STUDY)
+
+
+# _MIGRATIONS[v - 1] takes an index from schema version v to v + 1.
+_MIGRATIONS: tuple[Callable[[PooledSqliteDatabase], None], ...] = (_v1_to_v2,)

@@ -23,7 +23,9 @@ class Level(StrEnum):
 
 
 class Kind(StrEnum):
-    """How a value is held: as text (most VRs), a person name, or an integer (IS)."""
+    """How a value is held and matched (PS3.4 C.2.2.2): text (wildcards allowed), a person name
+    (wildcards, case-insensitive by default, per component group), a UID (single value or list,
+    no wildcards), a date or time (ranges), an integer (IS, single value), a count (computed)."""
 
     TEXT = "text"
     PERSON_NAME = "pn"
@@ -31,6 +33,9 @@ class Kind(StrEnum):
     UID = "uid"
     DATE = "date"
     TIME = "time"
+    COUNT = "count"
+    MODALITIES = "modalities"  # ModalitiesInStudy: matches when any of the study's does
+    UID_LIST = "uid_list"  # SOPClassesInStudy: computed from the study's instances
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,15 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("AccessionNumber", Level.STUDY, "accession_number"),
     Attribute("StudyDescription", Level.STUDY, "description"),
     Attribute("ReferringPhysicianName", Level.STUDY, "referring_physician", Kind.PERSON_NAME),
-    Attribute("ModalitiesInStudy", Level.STUDY, "modalities", computed=True),
+    Attribute("ModalitiesInStudy", Level.STUDY, "modalities", Kind.MODALITIES, computed=True),
+    Attribute("SOPClassesInStudy", Level.STUDY, "", Kind.UID_LIST, computed=True),
+    # PS3.4 C.6.1.1.2-4: optional computed keys, answered when asked for.
+    Attribute("NumberOfPatientRelatedStudies", Level.PATIENT, "", Kind.COUNT, computed=True),
+    Attribute("NumberOfPatientRelatedSeries", Level.PATIENT, "", Kind.COUNT, computed=True),
+    Attribute("NumberOfPatientRelatedInstances", Level.PATIENT, "", Kind.COUNT, computed=True),
+    Attribute("NumberOfStudyRelatedSeries", Level.STUDY, "", Kind.COUNT, computed=True),
+    Attribute("NumberOfStudyRelatedInstances", Level.STUDY, "", Kind.COUNT, computed=True),
+    Attribute("NumberOfSeriesRelatedInstances", Level.SERIES, "", Kind.COUNT, computed=True),
     Attribute("SeriesInstanceUID", Level.SERIES, "series_uid", Kind.UID, unique_key=True),
     Attribute("SeriesNumber", Level.SERIES, "series_number", Kind.INTEGER),
     Attribute("Modality", Level.SERIES, "modality"),
@@ -68,6 +81,46 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 )
 
 BY_KEYWORD = {a.keyword: a for a in ATTRIBUTES}
+LEVEL_ORDER = (Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE)
+UNIQUE_KEY = {a.level: a for a in ATTRIBUTES if a.unique_key}
+PERSON_NAMES = tuple(a for a in ATTRIBUTES if a.kind is Kind.PERSON_NAME)
+
+
+def name_groups(value: str) -> list[str]:
+    """A person name's component groups (PS3.5 6.2.1.1): alphabetic, ideographic, phonetic."""
+    return value.split("=")[:3]
+
+
+def fold(value: str) -> str:
+    """The case-insensitive form names are matched in (Unicode casefolding, not only ASCII)."""
+    return value.casefold()
+
+
+def study_datetime(date: str, time: str) -> str:
+    """StudyDate and StudyTime as one sortable ``YYYYMMDDHHMMSS.ffffff`` string, missing parts
+    as zeros, for combined date-time range matching (PS3.4 C.2.2.2.5.1); "" without a date."""
+    date = date.strip()
+    if len(date) != 8 or not date.isdigit():
+        return ""
+    return date + pad_time(time, "0")
+
+
+def pad_time(value: str, fill: str) -> str:
+    """A TM value (HH, HHMM, HHMMSS, HHMMSS.f...) padded to ``HHMMSS.ffffff`` with ``fill``
+    ("0" for a lower bound or a stored value, "9" for an upper bound; PS3.5 6.2 TM)."""
+    value = value.strip().replace(":", "")
+    whole, _, fraction = value.partition(".")
+    whole = whole[:6]
+    if not whole.isdigit() and whole:
+        return ""
+    high = fill == "9"
+    if not whole:
+        return "235959.999999" if high else "000000.000000"
+    # An upper bound "15" means up to 15:59:59.999999.
+    pad = {2: "5959" if high else "0000", 4: "59" if high else "00"}.get(len(whole), "")
+    whole = (whole + pad).ljust(6, "0")
+    fraction = (fraction + fill * 6)[:6] if fraction or high else "000000"
+    return f"{whole}.{fraction}"
 
 
 def _text(value: Any) -> str:

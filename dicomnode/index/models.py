@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import peewee as pw
 
-SCHEMA_VERSION = 1
+# 1: the hierarchy. 2: person_name keys and study.study_datetime, for C-FIND matching.
+SCHEMA_VERSION = 2
 
 
 class BaseModel(pw.Model):
@@ -46,6 +47,8 @@ class Study(BaseModel):
     referring_physician = pw.TextField(default="")
     # ModalitiesInStudy (0008,0061), kept up to date as series arrive: "CT\SR".
     modalities = pw.TextField(default="")
+    # StudyDate + StudyTime normalised (attributes.study_datetime), for date-time ranges.
+    study_datetime = pw.TextField(default="", index=True)
 
 
 class Series(BaseModel):
@@ -71,4 +74,22 @@ class Instance(BaseModel):
     received_at = pw.TextField()  # ISO 8601, UTC
 
 
-MODELS: tuple[type[BaseModel], ...] = (Patient, Study, Series, Instance)
+class PersonName(BaseModel):
+    """One component group of a person name held at the patient or study level, for matching
+    (PS3.4 C.2.2.2.1): each group separately, case-folded, with an index so that a name prefix
+    query is a range scan however large the index grows."""
+
+    owner = pw.IntegerField()  # patient.id or study.id, by ``keyword``'s level
+    keyword = pw.TextField()  # PatientName, ReferringPhysicianName
+    group = pw.IntegerField()  # 0 alphabetic, 1 ideographic, 2 phonetic (PS3.5 6.2.1.1)
+    value = pw.TextField()
+    folded = pw.TextField()
+
+    class Meta:
+        indexes = (
+            (("keyword", "folded"), False),
+            (("keyword", "owner"), False),
+        )
+
+
+MODELS: tuple[type[BaseModel], ...] = (Patient, Study, Series, Instance, PersonName)

@@ -1,0 +1,67 @@
+"""C-FIND SCP (PS3.4 C.4.1): the archive answers, this adapter streams pending responses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, cast
+
+from pydicom.dataset import Dataset
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.events import Event
+
+from dicomnode.archive import TooManyMatches
+from dicomnode.index.query import Model, QueryError
+from dicomnode.policy import uid_name
+from dicomnode.status import Status, describe
+
+if TYPE_CHECKING:
+    from dicomnode.ae import Node
+
+log = logging.getLogger(__name__)
+
+# The FIND information models we answer (PS3.4 C.6.1.1 Patient Root, C.6.2.1 Study Root).
+FIND_MODELS = {
+    "1.2.840.10008.5.1.4.1.2.1.1": Model.PATIENT_ROOT,
+    "1.2.840.10008.5.1.4.1.2.2.1": Model.STUDY_ROOT,
+}
+
+Response = tuple[Status, Dataset | None]
+
+
+def handle_find(event: Event, node: Node) -> Iterator[Response]:
+    request = cast(C_FIND, event.request)
+    calling = node.calling_ae_title(event.assoc)
+    sop_class = str(request.AffectedSOPClassUID or "")
+    model = FIND_MODELS.get(sop_class)
+    if model is None:
+        yield _failed(calling, Status.SOP_CLASS_NOT_SUPPORTED, f"{uid_name(sop_class)} model")
+        return
+    matched = 0
+    try:
+        for answer in node.archive.find(model, event.identifier):
+            # PS3.4 C.4.1.2.3: a C-CANCEL ends the matching; the final status is Cancel.
+            if event.is_cancelled:
+                log.info("C-FIND from %s cancelled after %d matches", calling, matched)
+                yield Status.CANCEL, None
+                return
+            matched += 1
+            yield Status.PENDING, answer
+    except QueryError as exc:
+        status = (
+            Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+            if exc.hierarchy
+            else Status.UNABLE_TO_PROCESS
+        )
+        yield _failed(calling, status, exc.reason)
+        return
+    except TooManyMatches as exc:
+        yield _failed(calling, Status.OUT_OF_RESOURCES, str(exc))
+        return
+    log.info("C-FIND from %s (%s): %d matches", calling, model.value, matched)
+    yield Status.SUCCESS, None
+
+
+def _failed(calling: str, status: Status, reason: str) -> Response:
+    log.warning("C-FIND from %s failed, %s: %s", calling, describe(status), reason)
+    return status, None

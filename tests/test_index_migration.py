@@ -1,0 +1,62 @@
+"""An index written at schema version 1 is upgraded in place when the node opens it: the v2 keys
+are filled from what it already holds, and queries answer as for a fresh index."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from dicomnode.index.models import SCHEMA_VERSION
+from dicomnode.status import Status
+from tests.support.dimse import associate, store_file
+from tests.support.node import run_node
+
+STUDY_ROOT = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def downgrade_to_v1(database: Path) -> None:
+    """Turn a current index back into exactly the version 1 schema (what dicomnode 0.1 wrote)."""
+    con = sqlite3.connect(database)
+    con.executescript(
+        """
+        DROP TABLE person_name;
+        DROP INDEX study_study_datetime;
+        ALTER TABLE study DROP COLUMN study_datetime;
+        PRAGMA user_version = 1;
+        """
+    )
+    con.close()
+
+
+def test_v1_index_is_migrated_and_queryable(tmp_path: Path) -> None:
+    root = tmp_path / "node"
+    settings = {"unknown_peers": ["echo", "store", "find"]}
+    ct = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])]
+    with run_node(root, **settings) as node, associate(node, ct) as assoc:
+        assert store_file(assoc, Path(get_testdata_file("CT_small.dcm"))) == Status.SUCCESS
+    downgrade_to_v1(root / "index.sqlite")
+    with run_node(root, **settings) as node:
+        assert "at schema version 2 (was 1)" in node.log()
+        assert node.rows("PRAGMA user_version")[0][0] == SCHEMA_VERSION
+        (study,) = node.rows("SELECT study_datetime FROM study")
+        assert study["study_datetime"].startswith("20040119")
+        names = node.rows("SELECT keyword, folded FROM person_name ORDER BY keyword")
+        assert ("PatientName", "compressedsamples^ct1") in [
+            (r["keyword"], r["folded"]) for r in names
+        ]
+        ae = AE(ae_title="PYFIND")
+        ae.add_requested_context(STUDY_ROOT)
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.PatientName = "COMPRESSED*"
+        identifier.StudyDate = "20040101-20041231"
+        results = list(assoc.send_c_find(identifier, STUDY_ROOT))
+        assoc.release()
+        ae.shutdown()
+        statuses = [int(status.Status) for status, _ in results]
+        assert statuses == [Status.PENDING, Status.SUCCESS]

@@ -23,6 +23,7 @@ from dicomnode.handlers.store import handle_store
 from dicomnode.identity import new_ae
 from dicomnode.policy import Decision, Policy, Profile
 from dicomnode.receive import Receiver, install_receive_hooks
+from dicomnode.retrieve import install_retrieve_hooks
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Node:
         ae.add_supported_context(VERIFICATION)
         # Found by dicomnode.receive's hook through the receiving thread's association.
         ae.dicomnode_receiver = self.receiver  # type: ignore[attr-defined]
+        # Found by dicomnode.retrieve's service class through the requesting association.
+        ae.dicomnode_node = self  # type: ignore[attr-defined]
         return ae
 
     # --- per-association state used by the handlers ---------------------------------------
@@ -116,6 +119,7 @@ class Node:
     def start(self) -> tuple[str, int]:
         """Open the archive and start listening in the background; returns (host, port)."""
         install_receive_hooks()
+        install_retrieve_hooks()
         # pynetdicom logs request/response identifiers (patient names, IDs) at INFO.
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False

@@ -26,7 +26,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from dicomnode.config import Config, DuplicatePolicy
 from dicomnode.encoding import EncodingError, check_dataset
 from dicomnode.index import DuplicateInstance, Index, IndexError_, NewInstance
-from dicomnode.index.query import Model, count, parse, run
+from dicomnode.index.query import Model, StoredInstance, count, instances, parse, run
 from dicomnode.policy import is_valid_uid, uid_name
 from dicomnode.status import Status
 from dicomnode.storage import Storage, StorageError
@@ -98,6 +98,19 @@ class Archive:
                     "narrow the query"
                 )
             yield from run(query)
+
+    def retrieve(self, model: Model, identifier: Dataset) -> list[StoredInstance]:
+        """C-MOVE/C-GET: the stored instances ``identifier`` names, in study/series order.
+
+        Raises :class:`QueryError` for an identifier that names nothing retrievable.
+        """
+        query = parse(identifier, model, retrieve=True)
+        with self.index.reading():
+            return instances(query)
+
+    def path_of(self, instance: StoredInstance) -> Path:
+        """The file of an instance to send, checked to lie inside the object store."""
+        return self.storage.resolve(instance.path)
 
     def store(self, temp: Path, request: StoreRequest) -> StoreOutcome:
         """Store the Part 10 file ``temp`` (in ``storage.tmp``) received for ``request``.

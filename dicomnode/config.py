@@ -80,6 +80,8 @@ class Peer:
     host: str
     port: int
     services: frozenset[Service] = frozenset()
+    # Peer names this peer may C-MOVE to; None: any configured peer.
+    move_destinations: frozenset[str] | None = None
 
     @property
     def address(self) -> str:
@@ -149,6 +151,15 @@ class Config:
             if peer.ae_title == wanted:
                 return peer
         return None
+
+    def may_move_to(self, calling_ae_title: str, destination: Peer) -> bool:
+        """Whether a caller may send a C-MOVE's instances to ``destination`` (a configured
+        peer): a peer's move_destinations decide; unknown callers allowed the move service may
+        move to any configured peer."""
+        caller = self.peer_by_ae_title(calling_ae_title)
+        if caller is None or caller.move_destinations is None:
+            return True
+        return destination.name in caller.move_destinations
 
     def services_for(self, calling_ae_title: str) -> frozenset[Service]:
         """What a caller presenting ``calling_ae_title`` may ask of us."""
@@ -276,7 +287,7 @@ def _peers(reader: _Reader) -> dict[str, Peer]:
         if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
             raise reader.fail("peers", "peer names are 1-64 letters, digits, '_', '.', '-'", name)
         sub = _Reader(settings, reader.where, f"peers.{name}.")
-        sub.check_keys(("ae_title", "host", "port", "services"))
+        sub.check_keys(("ae_title", "host", "port", "services", "move_destinations"))
         for required in ("ae_title", "host", "port"):
             if required not in sub.data:
                 raise ConfigError(f"{reader.where}: key 'peers.{name}.{required}' is required")
@@ -286,7 +297,24 @@ def _peers(reader: _Reader) -> dict[str, Peer]:
             host=sub.get("host", "", _text, "a host name or address"),
             port=sub.get("port", 0, _int_in(1, 65535), "a port number from 1 to 65535"),
             services=sub.get("services", frozenset(), _services, _SERVICES_ALLOWED),
+            move_destinations=sub.get(
+                "move_destinations",
+                None,
+                lambda v: (
+                    frozenset(v)
+                    if isinstance(v, list) and all(isinstance(x, str) for x in v)
+                    else None
+                ),
+                "a list of peer names",
+            ),
         )
+    for peer in peers.values():
+        unknown = sorted((peer.move_destinations or frozenset()) - set(peers))
+        if unknown:
+            raise ConfigError(
+                f"{reader.where}: key 'peers.{peer.name}.move_destinations': {unknown} are not "
+                f"configured peers; allowed: {', '.join(sorted(peers))}"
+            )
     titles = [p.ae_title for p in peers.values()]
     duplicated = sorted({t for t in titles if titles.count(t) > 1})
     if duplicated:

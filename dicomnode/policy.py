@@ -426,6 +426,10 @@ DEFAULT_CONFORMANCE: Mapping[str, Any] = {
             "sop_classes": [
                 "PatientRootQueryRetrieveInformationModelFind",
                 "StudyRootQueryRetrieveInformationModelFind",
+                "PatientRootQueryRetrieveInformationModelMove",
+                "StudyRootQueryRetrieveInformationModelMove",
+                "PatientRootQueryRetrieveInformationModelGet",
+                "StudyRootQueryRetrieveInformationModelGet",
             ],
             "transfer_syntaxes": ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"],
         },

@@ -35,6 +35,9 @@ class Status(IntEnum):
     DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
     # PS3.4 C.4.1.1.4 (C-FIND) and C.4.2.1.5 (C-MOVE) use the same codes under other names.
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    UNABLE_TO_PERFORM_SUBOPERATIONS = 0xA702  # C.4.2.1.5: every sub-operation failed
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    SUBOPERATIONS_COMPLETE_WITH_FAILURES = 0xB000  # one or more failures or warnings
     UNABLE_TO_PROCESS = 0xC000
     CANCEL = 0xFE00
     PENDING = 0xFF00
@@ -78,7 +81,14 @@ _DESCRIPTIONS: dict[int, str] = {
 # Ranges from PS3.4 B.2.3 / C.4 and PS3.7 C, checked in order.
 _RANGES: tuple[tuple[int, int, Category, str], ...] = (
     (0xA700, 0xA7FF, Category.FAILURE, "Refused: out of resources"),
-    (0xA800, 0xA8FF, Category.FAILURE, "Refused: move destination unknown / out of resources"),
+    (0xA701, 0xA701, Category.FAILURE, "Refused: out of resources (unable to calculate matches)"),
+    (
+        0xA702,
+        0xA702,
+        Category.FAILURE,
+        "Refused: out of resources (unable to perform sub-operations)",
+    ),
+    (0xA800, 0xA8FF, Category.FAILURE, "Refused: move destination unknown"),
     (0xA900, 0xA9FF, Category.FAILURE, "Error: data set does not match SOP class"),
     (0xB000, 0xB000, Category.WARNING, "Warning: coercion of data elements"),
     (0xB006, 0xB006, Category.WARNING, "Warning: elements discarded"),

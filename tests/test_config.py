@@ -713,3 +713,21 @@ def test_cli_serve_with_bad_config_exits_4_before_listening(
     assert "listening" not in result.stdout
     # It failed at configuration load: the archive was never opened, nothing was created.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["BAD.yaml"]
+
+
+def test_move_destinations_name_configured_peers(tmp_path: Path) -> None:
+    peers = (
+        "peers:\n"
+        "  PACS: {ae_title: PACS, host: 10.0.0.1, port: 104}\n"
+        "  WS: {ae_title: WS, host: 10.0.0.2, port: 104, services: [move],"
+        " move_destinations: [WS]}\n"
+    )
+    config = load_config(write_config(tmp_path, peers))
+    assert config.peers["WS"].move_destinations == frozenset({"WS"})
+    assert config.may_move_to("WS", config.peers["WS"])
+    assert not config.may_move_to("WS", config.peers["PACS"])
+    assert config.may_move_to("PACS", config.peers["WS"])  # no list: any configured peer
+    assert config.may_move_to("STRANGER", config.peers["PACS"])
+    bad = peers.replace("move_destinations: [WS]", "move_destinations: [NOPE]")
+    with pytest.raises(ConfigError, match=r"peers.WS.move_destinations': \['NOPE'\] are not"):
+        load_config(write_config(tmp_path / "bad", bad))

@@ -113,7 +113,7 @@ def test_default_verification_accepts_only_little_endian_uncompressed() -> None:
     )
 
 
-@pytest.mark.parametrize("sop_class", ["1.2.3.4.5", STUDY_MOVE, WORKLIST_FIND, MPPS])
+@pytest.mark.parametrize("sop_class", ["1.2.3.4.5", REPOSITORY_QUERY, WORKLIST_FIND, MPPS])
 def test_unknown_or_unsupported_sop_class_is_rejected_with_the_reason(sop_class: str) -> None:
     profile = default_policy().profile("ANYONE", EVERYTHING)
     decision = profile.decide(7, sop_class, [EXPLICIT])
@@ -141,7 +141,8 @@ def test_no_services_rejects_even_verification() -> None:
 
 def test_default_policy_contents() -> None:
     policy = default_policy()
-    find_models = ("1.2.840.10008.5.1.4.1.2.1.1", STUDY_FIND)
+    qr = "1.2.840.10008.5.1.4.1.2."
+    find_models = tuple(qr + m for m in ("1.1", "2.1", "1.2", "2.2", "1.3", "2.3"))
     assert tuple(policy.accept) == (VERIFICATION, *SOP_CLASS_GROUPS["storage"], *find_models)
     assert policy.accept[STUDY_FIND] == AcceptedClass(STUDY_FIND, (EXPLICIT, IMPLICIT))
     assert policy.accept[VERIFICATION] == AcceptedClass(VERIFICATION, (EXPLICIT, IMPLICIT))

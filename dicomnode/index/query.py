@@ -86,8 +86,14 @@ class Query:
     case_sensitive_names: bool = False
 
 
-def parse(identifier: Dataset, model: Model, case_sensitive_names: bool = False) -> Query:
-    """Validate ``identifier`` for ``model`` and collect its matching keys."""
+def parse(
+    identifier: Dataset, model: Model, case_sensitive_names: bool = False, retrieve: bool = False
+) -> Query:
+    """Validate ``identifier`` for ``model`` and collect its matching keys.
+
+    For a retrieval (C-MOVE, C-GET; PS3.4 C.4.2.2.1) only unique keys count: that of the
+    retrieval level must be present (one UID or a list), and other keys are ignored.
+    """
     raw_level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     levels = LEVELS[model]
     if raw_level not in {lv.value for lv in levels}:
@@ -111,12 +117,23 @@ def parse(identifier: Dataset, model: Model, case_sensitive_names: bool = False)
                 f"(the unique key of the {upper.value} level), got {value or 'none'!r}",
                 hierarchy=True,
             )
+    if retrieve:
+        key = UNIQUE_KEY[level]
+        value = _text(identifier.get(key.keyword))
+        if not value or "*" in value or "?" in value:
+            raise QueryError(
+                f"a {level.value} retrieval must name what to retrieve by {key.keyword} "
+                f"(one value or a list), got {value or 'none'!r}",
+                hierarchy=True,
+            )
     for elem in identifier:
         if elem.tag.group in (0x0000, 0x0002) or elem.keyword in ("QueryRetrieveLevel",):
             continue
         attr = BY_KEYWORD.get(elem.keyword or "")
         if attr is None or LEVEL_ORDER.index(attr.level) > depth:
             continue  # returned empty, not matched
+        if retrieve and not attr.unique_key:
+            continue
         if elem.VR == "SQ":
             continue  # we hold no sequences: universal match
         value = _text(elem.value)
@@ -315,6 +332,37 @@ def run(query: Query, limit: int | None = None) -> Iterator[Dataset]:
         select = select.limit(limit)
     for row in select.dicts().iterator():
         yield _answer(query, row, returned)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """One instance to send in a retrieval: its file and what a C-STORE needs to name it."""
+
+    path: str  # relative to storage_dir
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+def instances(query: Query) -> list[StoredInstance]:
+    """Every stored instance under the entities ``query`` matches (its level and below)."""
+    select: Any = (
+        Instance.select(
+            Instance.path, Instance.sop_class_uid, Instance.sop_instance_uid,
+            Instance.transfer_syntax,
+        )
+        .join_from(Instance, Series)
+        .join_from(Series, Study)
+        .join_from(Study, Patient)
+    )  # fmt: skip
+    condition = _all(_condition(query, attr, value) for attr, value in query.matches)
+    if condition is not None:
+        select = select.where(condition)
+    order = (Study.id, Series.series_number, Instance.instance_number, Instance.id)
+    return [
+        StoredInstance(r["path"], r["sop_class_uid"], r["sop_instance_uid"], r["transfer_syntax"])
+        for r in select.order_by(*order).dicts()
+    ]
 
 
 def count(query: Query, cap: int) -> int:

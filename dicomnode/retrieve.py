@@ -1,0 +1,498 @@
+"""C-MOVE and C-GET SCP (PS3.4 C.4.2, C.4.3): the sub-operation engine.
+
+pynetdicom's own retrieve SCP sends in-memory data sets over one association it opens before the
+handler has said what will be sent. A node must do better: stream each stored file from disk as it
+is, open as many associations to a move destination as more than 128 presentation contexts need,
+fall back to a transfer syntax the destination accepts (``dicomnode.transcode``), and report exact
+counts. So the two retrieve services are served by :class:`RetrieveServiceClass`, which pynetdicom
+picks for the MOVE and GET SOP classes once :func:`install_retrieve_hooks` has run (pinned to
+pynetdicom 3.0.x in pyproject.toml, like ``dicomnode.receive``). The archive says what to send; this
+module only moves bytes and keeps count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config, association
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.service_class import QueryRetrieveServiceClass
+from pynetdicom.status import QR_GET_SERVICE_CLASS_STATUS, QR_MOVE_SERVICE_CLASS_STATUS
+
+from dicomnode import scu, transcode
+from dicomnode.config import Peer
+from dicomnode.index.query import Model, QueryError, StoredInstance
+from dicomnode.policy import uid_name
+from dicomnode.status import Category, Status, category, describe
+
+if TYPE_CHECKING:
+    from dicomnode.ae import Node
+
+log = logging.getLogger(__name__)
+
+MOVE_MODELS = {
+    "1.2.840.10008.5.1.4.1.2.1.2": Model.PATIENT_ROOT,
+    "1.2.840.10008.5.1.4.1.2.2.2": Model.STUDY_ROOT,
+}
+GET_MODELS = {
+    "1.2.840.10008.5.1.4.1.2.1.3": Model.PATIENT_ROOT,
+    "1.2.840.10008.5.1.4.1.2.2.3": Model.STUDY_ROOT,
+}
+# PS3.7 9.3.2.2: the sub-operation counts are US, so one retrieval is at most 65535 instances.
+MAX_SUBOPERATIONS = 0xFFFF
+_UNCOMPRESSED_LE = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+
+
+@dataclass
+class Tally:
+    """Sub-operation counts (PS3.4 C.4.2.1.4), and the SOP Instance UIDs that failed."""
+
+    remaining: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+    def record(self, uid: str, status: int | None) -> None:
+        self.remaining -= 1
+        outcome = Category.FAILURE if status is None else category(status)
+        if outcome is Category.SUCCESS:
+            self.completed += 1
+        elif outcome is Category.WARNING:
+            self.warning += 1
+        else:
+            self.failed += 1
+            self.failed_uids.append(uid)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One sub-operation's outcome: the peer's C-STORE status, or why there is none."""
+
+    status: int | None
+    reason: str = ""
+    lost: bool = False  # the association can carry no more sub-operations
+
+
+class RetrieveServiceClass(QueryRetrieveServiceClass):
+    """The Query/Retrieve service class with dicomnode's C-MOVE and C-GET."""
+
+    def _move_scp(self, req: C_MOVE, context: PresentationContext) -> None:
+        _Retrieval(self, req, context, move=True).run()
+
+    def _get_scp(self, req: C_GET, context: PresentationContext) -> None:
+        _Retrieval(self, req, context, move=False).run()
+
+
+class _Retrieval:
+    """One C-MOVE or C-GET request, from identifier to final response."""
+
+    def __init__(
+        self,
+        service: RetrieveServiceClass,
+        req: C_MOVE | C_GET,
+        context: PresentationContext,
+        move: bool,
+    ) -> None:
+        self.service = service
+        self.req = req
+        self.context = context
+        self.move = move
+        self.assoc: Association = service.assoc
+        self.node: Node = self.assoc.ae.dicomnode_node  # type: ignore[attr-defined]
+        self.calling = self.node.calling_ae_title(self.assoc)
+        self.name = "C-MOVE" if move else "C-GET"
+        self.msg_id = int(req.MessageID or 0)
+        self.service.statuses = (
+            QR_MOVE_SERVICE_CLASS_STATUS if move else QR_GET_SERVICE_CLASS_STATUS
+        )
+
+    # --- the protocol ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        models = MOVE_MODELS if self.move else GET_MODELS
+        model = models.get(str(self.context.abstract_syntax))
+        if model is None:
+            self._refuse(Status.SOP_CLASS_NOT_SUPPORTED, "information model not supported")
+            return
+        destination = None
+        if self.move:
+            destination = self._destination()
+            if destination is None:
+                return
+        try:
+            identifier = self._identifier()
+            items = self.node.archive.retrieve(model, identifier)
+        except QueryError as exc:
+            status = (
+                Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+                if exc.hierarchy
+                else Status.UNABLE_TO_PROCESS
+            )
+            self._refuse(status, exc.reason)
+            return
+        except Exception as exc:  # an identifier pydicom cannot decode
+            self._refuse(Status.UNABLE_TO_PROCESS, f"identifier cannot be decoded: {exc}")
+            return
+        if len(items) > MAX_SUBOPERATIONS:
+            self._refuse(
+                Status.UNABLE_TO_PROCESS,
+                f"{len(items)} instances match; one retrieval carries at most "
+                f"{MAX_SUBOPERATIONS} (PS3.7 C.4.2.1.4: counts are US)",
+            )
+            return
+        tally = Tally(remaining=len(items))
+        if items:
+            sender = _MoveSender(self, cast(Peer, destination)) if self.move else _GetSender(self)
+            cancelled = self._suboperations(sender, items, tally)
+            if cancelled:
+                return
+        self._final(tally, destination)
+
+    def _destination(self) -> Peer | None:
+        """The configured peer the C-MOVE names; never an address the caller gives."""
+        wanted = str(cast(C_MOVE, self.req).MoveDestination or "").strip()
+        config = self.node.config
+        peer = config.peer_by_ae_title(wanted)
+        if peer is None:
+            # PS3.4 C.4.2.1.5: A801, and no connection is attempted.
+            self._refuse(
+                Status.MOVE_DESTINATION_UNKNOWN,
+                f"move destination {wanted!r} is not a configured peer",
+            )
+            return None
+        if not config.may_move_to(self.calling, peer):
+            self._refuse(
+                Status.NOT_AUTHORIZED,
+                f"{self.calling} may not move to {peer.name} (peers.*.move_destinations)",
+            )
+            return None
+        return peer
+
+    def _identifier(self) -> Dataset:
+        ts = self.context.transfer_syntax[0]
+        identifier = decode(
+            cast(BytesIO, self.req.Identifier),
+            ts.is_implicit_VR,
+            ts.is_little_endian,
+            ts.is_deflated,
+        )
+        return identifier
+
+    def _suboperations(self, sender: _Sender, items: list[StoredInstance], tally: Tally) -> bool:
+        """Run every sub-operation, reporting each; True when a C-CANCEL ended them."""
+        try:
+            for item, sent in sender.send_all(items, self._cancelled):
+                if not sent.lost and sent.status is not None and sent.reason:
+                    log.info("%s sub-operation: %s", self.name, sent.reason)
+                if sent.status is None or category(sent.status) is Category.FAILURE:
+                    log.warning(
+                        "%s from %s: %s not sent%s: %s",
+                        self.name,
+                        self.calling,
+                        item.sop_instance_uid,
+                        "" if sent.status is None else f" ({describe(sent.status)})",
+                        sent.reason or "refused by the destination",
+                    )
+                tally.record(item.sop_instance_uid, sent.status)
+                if tally.remaining:
+                    self._respond(Status.PENDING, tally, with_failures=False)
+        finally:
+            sender.close()
+        if self._cancel_seen:
+            log.info(
+                "%s from %s cancelled: %d completed, %d failed, %d remaining",
+                self.name,
+                self.calling,
+                tally.completed,
+                tally.failed,
+                tally.remaining,
+            )
+            self._respond(Status.CANCEL, tally, with_failures=True, remaining=True)
+            return True
+        return False
+
+    _cancel_seen = False
+
+    def _cancelled(self) -> bool:
+        # PS3.4 C.4.2.3.1: a C-CANCEL stops further sub-operations; the final status is Cancel.
+        if not self._cancel_seen and self.service.is_cancelled(self.msg_id):
+            self._cancel_seen = True
+        return self._cancel_seen
+
+    def _final(self, tally: Tally, destination: Peer | None) -> None:
+        total = tally.completed + tally.failed + tally.warning
+        if tally.failed and tally.failed == total:
+            status = Status.UNABLE_TO_PERFORM_SUBOPERATIONS
+        elif tally.failed or tally.warning:
+            status = Status.SUBOPERATIONS_COMPLETE_WITH_FAILURES
+        else:
+            status = Status.SUCCESS
+        log.info(
+            "%s from %s%s: %d instances, %d completed, %d failed, %d warning",
+            self.name,
+            self.calling,
+            f" to {destination.name}" if destination else "",
+            total,
+            tally.completed,
+            tally.failed,
+            tally.warning,
+        )
+        self._respond(status, tally, with_failures=status != Status.SUCCESS)
+
+    # --- responses -------------------------------------------------------------------------
+
+    def _refuse(self, status: Status, reason: str) -> None:
+        log.warning("%s from %s refused, %s: %s", self.name, self.calling, describe(status), reason)
+        self._respond(status, None, with_failures=False)
+
+    def _respond(
+        self, status: Status, tally: Tally | None, *, with_failures: bool, remaining: bool = False
+    ) -> None:
+        rsp = C_MOVE() if self.move else C_GET()
+        rsp.MessageIDBeingRespondedTo = self.req.MessageID
+        rsp.AffectedSOPClassUID = self.req.AffectedSOPClassUID
+        rsp.Status = int(status)
+        if tally is not None:
+            # PS3.4 C.4.2.1.4: Remaining in pending (and cancel) responses; the others always.
+            if status == Status.PENDING or remaining:
+                rsp.NumberOfRemainingSuboperations = tally.remaining
+            rsp.NumberOfCompletedSuboperations = tally.completed
+            rsp.NumberOfFailedSuboperations = tally.failed
+            rsp.NumberOfWarningSuboperations = tally.warning
+            if with_failures and tally.failed_uids:
+                ds = Dataset()
+                ds.FailedSOPInstanceUIDList = tally.failed_uids
+                ts = self.context.transfer_syntax[0]
+                encoded = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+                rsp.Identifier = BytesIO(cast(bytes, encoded))
+        if self.assoc.is_established:
+            self.service.dimse.send_msg(rsp, int(self.context.context_id or 0))
+
+
+# --- sending -----------------------------------------------------------------------------------
+
+
+class _Sender:
+    """Sends stored instances as C-STORE sub-operations over some association(s)."""
+
+    def __init__(self, retrieval: _Retrieval) -> None:
+        self.retrieval = retrieval
+        self.archive = retrieval.node.archive
+
+    def send_all(
+        self, items: list[StoredInstance], cancelled: Callable[[], bool]
+    ) -> Iterator[tuple[StoredInstance, Sent]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the sender opened."""
+
+    def send_one(
+        self, assoc: Association, accepted: dict[str, list[str]], item: StoredInstance, msg_id: int
+    ) -> Sent:
+        """C-STORE one instance: as stored when the peer accepted its syntax, else transcoded
+        into one it accepted (never into a lossy one), else a failure saying why."""
+        try:
+            path = self.archive.path_of(item)
+        except OSError as exc:
+            return Sent(None, f"stored file unavailable: {exc}")
+        syntaxes = accepted.get(item.sop_class_uid, [])
+        target = transcode.choose_syntax(item.transfer_syntax, syntaxes)
+        if target is None:
+            offered = ", ".join(uid_name(t) for t in syntaxes) or "no presentation context"
+            return Sent(
+                None,
+                f"the destination accepts {uid_name(item.sop_class_uid)} in {offered}; stored "
+                f"as {uid_name(item.transfer_syntax)} and no lossless conversion fits",
+            )
+        what: Path | Dataset = path
+        note = ""
+        try:
+            if target != item.transfer_syntax:
+                what = transcode.transcode(path, target)
+                note = f"sent as {uid_name(target)}, stored as {uid_name(item.transfer_syntax)}"
+            elif _odd_length(path):
+                # PS3.5 7.1: encoded lengths are even; an odd deflate stream is re-encoded and
+                # padded by pynetdicom rather than streamed as it is.
+                what = dcmread(path)
+        except (transcode.TranscodeError, OSError, ValueError) as exc:
+            return Sent(None, f"cannot convert for the destination: {exc}")
+        try:
+            rsp = assoc.send_c_store(
+                what,
+                msg_id=msg_id,
+                originator_aet=self.originator(),
+                originator_id=self.retrieval.msg_id if self.originator() else None,
+            )
+        except (ValueError, AttributeError, RuntimeError) as exc:
+            return Sent(None, f"C-STORE not sent: {exc}", lost=not assoc.is_established)
+        except OSError as exc:
+            return Sent(None, f"read error while sending: {exc}", lost=True)
+        if "Status" not in rsp:
+            return Sent(None, "no C-STORE response (association aborted or timed out)", lost=True)
+        return Sent(int(rsp.Status), note)
+
+    def originator(self) -> str | None:
+        return None
+
+
+def _odd_length(path: Path) -> bool:
+    """Whether a stored file's data set has an odd length (our File Meta starts with its group
+    length at offset 140, PS3.10 7.1)."""
+    with path.open("rb") as fp:
+        fp.seek(140)
+        group_length = int(struct.unpack("<I", fp.read(4))[0])
+        return (os.fstat(fp.fileno()).st_size - 144 - group_length) % 2 == 1
+
+
+def _accepted(assoc: Association, as_scu_only: bool) -> dict[str, list[str]]:
+    """Accepted transfer syntaxes per SOP class on ``assoc``."""
+    accepted: dict[str, list[str]] = {}
+    for cx in assoc.accepted_contexts:
+        if as_scu_only and not cx.as_scu:
+            continue
+        accepted.setdefault(str(cx.abstract_syntax), []).append(str(cx.transfer_syntax[0]))
+    return accepted
+
+
+class _MoveSender(_Sender):
+    """C-MOVE: sub-operations on our own association(s) to the configured destination."""
+
+    def __init__(self, retrieval: _Retrieval, destination: Peer) -> None:
+        super().__init__(retrieval)
+        self.destination = destination
+        self.config = retrieval.node.config
+
+    def originator(self) -> str | None:
+        # PS3.7 9.1.1.1: the Move Originator is the AE that asked for the move.
+        return str(self.retrieval.calling)
+
+    def send_all(
+        self, items: list[StoredInstance], cancelled: Callable[[], bool]
+    ) -> Iterator[tuple[StoredInstance, Sent]]:
+        ae = scu.make_ae(self.config)
+        for batch, contexts in _batches(items):
+            if cancelled():
+                return
+            assoc, failure = scu.request_association(ae, self.config, self.destination, contexts)
+            if failure is not None:
+                log.warning("C-MOVE to %s: %s", self.destination.name, failure.message)
+                for item in batch:
+                    yield item, Sent(None, f"no association: {failure.message}")
+                continue
+            accepted = _accepted(assoc, as_scu_only=False)
+            lost = ""
+            try:
+                for msg_id, item in enumerate(batch, start=1):
+                    if lost:
+                        yield item, Sent(None, lost)
+                        continue
+                    if cancelled():
+                        return
+                    sent = self.send_one(assoc, accepted, item, msg_id % 0xFFFF or 1)
+                    if sent.lost:
+                        lost = f"not sent: the association to {self.destination.name} was lost"
+                    yield item, sent
+            finally:
+                if assoc.is_established:
+                    if lost:
+                        assoc.abort()
+                    else:
+                        assoc.release()
+
+
+class _GetSender(_Sender):
+    """C-GET: sub-operations on the requesting association, where it took the SCP role."""
+
+    def send_all(
+        self, items: list[StoredInstance], cancelled: Callable[[], bool]
+    ) -> Iterator[tuple[StoredInstance, Sent]]:
+        assoc = self.retrieval.assoc
+        accepted = _accepted(assoc, as_scu_only=True)
+        lost = ""
+        for msg_id, item in enumerate(items, start=1):
+            if lost:
+                yield item, Sent(None, lost)
+                continue
+            if cancelled():
+                return
+            sent = self.send_one(
+                assoc, accepted, item, (self.retrieval.msg_id + msg_id) % 0xFFFF or 1
+            )
+            if sent.lost:
+                lost = "not sent: the association was lost"
+            yield item, sent
+
+
+def _batches(
+    items: Sequence[StoredInstance],
+) -> Iterable[tuple[list[StoredInstance], list[PresentationContext]]]:
+    """Group instances into associations of at most 128 presentation contexts (PS3.8 9.3.2.2).
+
+    Each (SOP class, stored syntax) gets a context of its own, and a SOP class stored compressed
+    also an uncompressed little endian one, so the destination can take a decompressed copy when
+    it refuses the stored syntax. A SOP class's contexts never straddle two associations.
+    """
+    needs: dict[str, list[str]] = {}
+    for item in items:
+        syntaxes = needs.setdefault(item.sop_class_uid, [])
+        if item.transfer_syntax not in syntaxes:
+            syntaxes.append(item.transfer_syntax)
+    groups: list[list[str]] = [[]]
+    sizes = [0]
+    for sop_class, syntaxes in needs.items():
+        size = len(syntaxes) + (0 if all(s in _UNCOMPRESSED_LE for s in syntaxes) else 1)
+        if sizes[-1] + size > scu.MAX_CONTEXTS_PER_ASSOCIATION:
+            groups.append([])
+            sizes.append(0)
+        groups[-1].append(sop_class)
+        sizes[-1] += size
+    for group in groups:
+        classes = set(group)
+        batch = [item for item in items if item.sop_class_uid in classes]
+        contexts = []
+        for sop_class in group:
+            syntaxes = needs[sop_class]
+            contexts += [build_context(sop_class, [ts]) for ts in syntaxes]
+            if not all(s in _UNCOMPRESSED_LE for s in syntaxes):
+                contexts.append(build_context(sop_class, list(_UNCOMPRESSED_LE)))
+        yield batch, contexts
+
+
+# --- installation ------------------------------------------------------------------------------
+
+_pynetdicom_service_class = association.uid_to_service_class  # type: ignore[attr-defined]
+_installed = False
+
+
+def _service_class(uid: str) -> Any:
+    if uid in MOVE_MODELS or uid in GET_MODELS:
+        return RetrieveServiceClass
+    return _pynetdicom_service_class(uid)
+
+
+def install_retrieve_hooks() -> None:
+    """Serve C-MOVE and C-GET with :class:`RetrieveServiceClass` (idempotent; called when a
+    node starts, never at import time). Stored files are sent as they are on disk."""
+    global _installed
+    if _installed:
+        return
+    if not hasattr(association, "uid_to_service_class"):
+        raise RuntimeError("this pynetdicom version lacks the service-class lookup we hook")
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    association.uid_to_service_class = _service_class
+    _installed = True

@@ -160,6 +160,12 @@ class _Retrieval:
             cancelled = self._suboperations(sender, items, tally)
             if cancelled:
                 return
+            if isinstance(sender, _MoveSender):
+                log.info(
+                    "C-MOVE to %s used %d association(s)",
+                    sender.destination.name,
+                    sender.associations,
+                )
         self._final(tally, destination)
 
     def _destination(self) -> Peer | None:
@@ -292,6 +298,7 @@ class _Sender:
     def __init__(self, retrieval: _Retrieval) -> None:
         self.retrieval = retrieval
         self.archive = retrieval.node.archive
+        self.associations = 0  # opened for the sub-operations (C-MOVE)
 
     def send_all(
         self, items: list[StoredInstance], cancelled: Callable[[], bool]
@@ -394,6 +401,7 @@ class _MoveSender(_Sender):
                 for item in batch:
                     yield item, Sent(None, f"no association: {failure.message}")
                 continue
+            self.associations += 1
             accepted = _accepted(assoc, as_scu_only=False)
             lost = ""
             try:

@@ -288,3 +288,54 @@ def test_destination_that_aborts_midway(tmp_path: Path) -> None:
         # The node still answers.
         _, again = move(node, "NOBODY", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
         assert again.Status == Status.MOVE_DESTINATION_UNKNOWN
+
+
+def test_more_than_128_contexts_use_several_associations(tmp_path: Path) -> None:
+    """130 SOP classes in one study: 130 presentation contexts, so two associations to the
+    destination (PS3.8 9.3.2.2: at most 128 per association), and every instance arrives."""
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts][:130]
+    study, series = generate_uid(), generate_uid()
+    source = tmp_path / "many"
+    source.mkdir()
+    for i, sop_class in enumerate(classes):
+        ds = Dataset()
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientID, ds.PatientName = "MANY", "Many^Classes"
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        pydicom.dcmwrite(source / f"{i:03d}.dcm", ds, enforce_file_format=True)
+    out, log = tmp_path / "dest", tmp_path / "storescp.log"
+    # -pm: accept SOP classes newer than this DCMTK; -v: log each association.
+    wide = storescp(out, aet="WIDE", options=("+xa", "-pm", "-v"), log_path=log)
+    with (
+        wide as endpoint,
+        run_node(
+            tmp_path / "node", unknown_peers=RETRIEVERS, peers={"WIDE": peer("WIDE", endpoint)}
+        ) as node,
+    ):
+        send(node, source)
+        _, final = move(node, "WIDE", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
+        assert final.Status == Status.SUCCESS
+        assert final.NumberOfCompletedSuboperations == 130
+        node.wait_for_log("C-MOVE to WIDE used 2 association(s)")
+    assert log.read_text().count("Association Received") == 2
+    assert {str(pydicom.dcmread(p).SOPClassUID) for p in out.iterdir()} == set(classes)
+
+
+def test_destination_refusing_the_association(tmp_path: Path) -> None:
+    study, paths = many_instances(tmp_path / "many", 2)
+    with storescp(tmp_path / "dest", aet="NOPE", options=("--refuse",)) as endpoint, run_node(
+        tmp_path / "node", unknown_peers=RETRIEVERS, peers={"NOPE": peer("NOPE", endpoint)}
+    ) as node:  # fmt: skip
+        send(node, *paths)
+        _, final = move(node, "NOPE", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
+        assert final.Status == Status.UNABLE_TO_PERFORM_SUBOPERATIONS
+        assert final.NumberOfFailedSuboperations == 2
+        assert sorted(final.FailedSOPInstanceUIDList) == sorted(
+            str(pydicom.dcmread(p).SOPInstanceUID) for p in paths
+        )
+        node.wait_for_log("rejected the association")

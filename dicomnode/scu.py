@@ -1,4 +1,5 @@
-"""The SCU side of the node: verify a peer (C-ECHO) and send files to it (C-STORE).
+"""The SCU side of the node: verify a peer (C-ECHO), send files to it (C-STORE), and query and
+retrieve from it (C-FIND, C-MOVE, C-GET).
 
 Every association we request goes through :func:`make_ae` and :func:`request_association`, so
 our AE title, implementation identity (PS3.7 D.3.3.2), timeouts and maximum PDU size are set in
@@ -14,29 +15,53 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 from enum import StrEnum
 from pathlib import Path
+from typing import Any, cast
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID, MediaStorageDirectoryStorage
-from pynetdicom import AE, _config, evt
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    MediaStorageDirectoryStorage,
+    RLELossless,
+)
+from pynetdicom import AE, StoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.dsutils import encode, split_dataset
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta, split_dataset
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.presentation import PresentationContext, build_context, build_role
 
-from dicomnode.config import Config, Peer
-from dicomnode.identity import new_ae
-from dicomnode.status import Category, category
+from dicomnode.config import Config, Peer, valid_ae_title
+from dicomnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, new_ae
+from dicomnode.status import Category, Status, category, describe
+from dicomnode.storage import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +134,18 @@ class AssociationFailure:
 
 
 def request_association(
-    ae: AE, config: Config, peer: Peer, contexts: Sequence[PresentationContext]
+    ae: AE,
+    config: Config,
+    peer: Peer,
+    contexts: Sequence[PresentationContext],
+    *,
+    ext_neg: Sequence[Any] = (),
+    evt_handlers: Sequence[tuple[Any, Callable[..., Any]]] = (),
 ) -> tuple[Association, AssociationFailure | None]:
     """Request an association with ``peer`` proposing ``contexts`` (at most 128).
 
+    ``ext_neg`` adds User Information sub-items (e.g. SCP/SCU Role Selection, PS3.7 D.3.3.4);
+    ``evt_handlers`` are bound to the association (e.g. EVT_C_STORE for C-GET sub-operations).
     Returns the association (its negotiated contexts are readable even when it failed) and,
     when it is not established, why.
     """
@@ -135,7 +168,8 @@ def request_association(
         contexts=list(contexts),
         ae_title=peer.ae_title,
         max_pdu=config.limits.max_pdu_size,
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_connect)],
+        ext_neg=list(ext_neg) or None,
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_connect), *evt_handlers],
     )
     if assoc.is_established:
         return assoc, None
@@ -723,3 +757,742 @@ def _unusable_contexts(
             f"{syntax.name} ({syntax}): {why}"
         )
     return unusable
+
+
+# --- Query/Retrieve: C-FIND, C-MOVE, C-GET (PS3.4 Annex C) ------------------------------------
+
+
+class QueryLevel(StrEnum):
+    """Query/Retrieve Level (0008,0052) values (PS3.4 C.6.1.1, C.6.2.1)."""
+
+    PATIENT = "PATIENT"
+    STUDY = "STUDY"
+    SERIES = "SERIES"
+    IMAGE = "IMAGE"
+
+
+class QueryModel(StrEnum):
+    """The Query/Retrieve Information Model (PS3.4 C.6): the level at the root of the tree."""
+
+    PATIENT_ROOT = "patient"
+    STUDY_ROOT = "study"
+
+
+class QueryService(StrEnum):
+    """The three DIMSE-C operations of the Query/Retrieve Service Class (PS3.4 C.4)."""
+
+    FIND = "C-FIND"
+    MOVE = "C-MOVE"
+    GET = "C-GET"
+
+
+# PS3.4 C.6.1.3 / C.6.2.3; the UIDs are listed in PS3.6 Annex A.
+_QR_SOP_CLASSES: dict[tuple[QueryModel, QueryService], UID] = {
+    (QueryModel.PATIENT_ROOT, QueryService.FIND): UID("1.2.840.10008.5.1.4.1.2.1.1"),
+    (QueryModel.PATIENT_ROOT, QueryService.MOVE): UID("1.2.840.10008.5.1.4.1.2.1.2"),
+    (QueryModel.PATIENT_ROOT, QueryService.GET): UID("1.2.840.10008.5.1.4.1.2.1.3"),
+    (QueryModel.STUDY_ROOT, QueryService.FIND): UID("1.2.840.10008.5.1.4.1.2.2.1"),
+    (QueryModel.STUDY_ROOT, QueryService.MOVE): UID("1.2.840.10008.5.1.4.1.2.2.2"),
+    (QueryModel.STUDY_ROOT, QueryService.GET): UID("1.2.840.10008.5.1.4.1.2.2.3"),
+}
+
+# What a query asks for when the user names no return keys: the attributes a person looks at
+# first at each level, the level's unique key last (PS3.4 C.6.1.1.2-5, C.6.2.1.2).
+DEFAULT_RETURN_KEYS: dict[QueryLevel, tuple[str, ...]] = {
+    QueryLevel.PATIENT: (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "NumberOfPatientRelatedStudies",
+    ),
+    QueryLevel.STUDY: (
+        "PatientName",
+        "PatientID",
+        "StudyDate",
+        "StudyDescription",
+        "AccessionNumber",
+        "ModalitiesInStudy",
+        "StudyInstanceUID",
+    ),
+    QueryLevel.SERIES: (
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "NumberOfSeriesRelatedInstances",
+        "SeriesInstanceUID",
+    ),
+    QueryLevel.IMAGE: ("InstanceNumber", "SOPClassUID", "SOPInstanceUID"),
+}
+
+_QUERY_RETRIEVE_LEVEL = Tag(0x0008, 0x0052)
+_SPECIFIC_CHARACTER_SET = Tag(0x0008, 0x0005)
+# UTF-8 (defined term in PS3.3 C.12.1.1.2): the one repertoire any value typed on a command
+# line fits.
+_UTF8 = "ISO_IR 192"
+# Value representations whose values may use a character set other than the default one
+# (PS3.5 6.1.2.2); the others are always the default repertoire.
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "PN", "UC", "UT"})
+_INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV"})
+_FLOAT_VRS = frozenset({"FL", "FD"})
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT"})
+_KEY_TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
+
+
+# Status meanings particular to the Query/Retrieve operations, where they differ from (or are
+# more precise than) the general ones of dicomnode.status: PS3.4 C.4.1.1.4 (C-FIND),
+# C.4.2.1.5 (C-MOVE), C.4.3.1.4 (C-GET).
+_QR_STATUS_MEANINGS: dict[QueryService, dict[int, str]] = {
+    QueryService.FIND: {
+        0x0000: "Success: matching is complete",
+        0xA700: "Refused: out of resources",
+        0xA900: "Failed: identifier does not match SOP class",
+        0xFE00: "Cancelled: matching terminated due to cancel request",
+    },
+    QueryService.MOVE: {
+        0x0000: "Success: sub-operations complete, no failures",
+        0xA701: "Refused: out of resources, unable to calculate number of matches",
+        0xA702: "Refused: out of resources, unable to perform sub-operations",
+        0xA801: "Refused: move destination unknown",
+        0xA900: "Failed: identifier does not match SOP class",
+        0xB000: "Warning: sub-operations complete, one or more failures or warnings",
+        0xFE00: "Cancelled: sub-operations terminated due to cancel indication",
+    },
+    QueryService.GET: {
+        0x0000: "Success: sub-operations complete, no failures",
+        0xA701: "Refused: out of resources, unable to calculate number of matches",
+        0xA702: "Refused: out of resources, unable to perform sub-operations",
+        0xA900: "Failed: identifier does not match SOP class",
+        0xB000: "Warning: sub-operations complete, one or more failures or warnings",
+        0xFE00: "Cancelled: sub-operations terminated due to cancel indication",
+    },
+}
+
+
+def describe_status(service: QueryService, status: int) -> str:
+    """``status`` of a final ``service`` response with its meaning: ``0xA801 Refused: ...``."""
+    text = _QR_STATUS_MEANINGS[service].get(status)
+    if text is None and 0xC000 <= status <= 0xCFFF:
+        text = "Failed: unable to process"  # the Cxxx failure of all three operations
+    return f"0x{status:04X} {text}" if text else describe(status)
+
+
+class QueryKeyError(ValueError):
+    """A ``Keyword=Value`` query key that cannot be used; the message says why."""
+
+
+def check_level(model: QueryModel, level: QueryLevel) -> None:
+    """Raise :class:`ValueError` when ``model`` has no ``level``.
+
+    PS3.4 C.6.2.1: the Study Root model starts at the Study level; only Patient Root has a
+    Patient level.
+    """
+    if model is QueryModel.STUDY_ROOT and level is QueryLevel.PATIENT:
+        raise ValueError(
+            "the Study Root information model has no PATIENT level (PS3.4 C.6.2); "
+            "use the Patient Root model for patient-level queries"
+        )
+
+
+def qr_sop_class(model: QueryModel, service: QueryService) -> UID:
+    """The SOP Class UID of ``service`` in ``model`` (PS3.4 C.6.1.3, C.6.2.3)."""
+    return _QR_SOP_CLASSES[model, service]
+
+
+def query_key(spec: str) -> DataElement:
+    """One query key as findscu's ``-k`` takes it: ``Keyword=Value``, ``gggg,eeee=Value``.
+
+    A key without ``=Value`` (or with an empty value) is a return key: universal matching
+    (PS3.4 C.2.2.2.3). Values are sent as typed: wildcards (``*``, ``?``), ranges
+    (``20200101-``) and lists of UIDs (backslash-separated) are the peer's to interpret
+    (PS3.4 C.2.2.2). A sequence may only be given without a value (a zero-length sequence
+    asks for every item, PS3.4 C.2.2.2.6). Raises :class:`QueryKeyError`.
+    """
+    name, has_value, raw = spec.partition("=")
+    name = name.strip()
+    value = raw if has_value else ""
+    if not name:
+        raise QueryKeyError(f"query key {spec!r}: give Keyword or Keyword=Value")
+    match = _KEY_TAG.match(name)
+    if match:
+        tag = Tag(int(match.group(1), 16), int(match.group(2), 16))
+    else:
+        number = tag_for_keyword(name)
+        if number is None:
+            close = get_close_matches(name, keyword_dict.keys(), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise QueryKeyError(
+                f"query key {spec!r}: unknown attribute keyword {name!r} "
+                f"(not in the DICOM data dictionary){hint}"
+            )
+        tag = Tag(number)
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        raise QueryKeyError(
+            f"query key {spec!r}: {tag} is not in the DICOM data dictionary"
+        ) from None
+    label = f"{keyword_for_tag(tag) or tag}"
+    if tag.group in (0x0000, 0x0002):
+        # Group 0000 is the command set (PS3.7 E.1), 0002 the File Meta (PS3.10 7.1).
+        raise QueryKeyError(f"query key {spec!r}: {label} cannot be part of an identifier")
+    if tag == _QUERY_RETRIEVE_LEVEL:
+        raise QueryKeyError(f"query key {spec!r}: set the level with --level, not as a key")
+    vr = vr.split(" or ")[0]  # e.g. "US or SS": the first is the usual one
+    if vr == "SQ":
+        if value:
+            raise QueryKeyError(
+                f"query key {spec!r}: {label} is a sequence; only a universal match (no value) "
+                "is supported"
+            )
+        return DataElement(tag, vr, [])
+    if not value:
+        return DataElement(tag, vr, None)
+    parts = value.split("\\")
+    try:
+        if vr in _INT_VRS:
+            return DataElement(tag, vr, [int(p) for p in parts] if len(parts) > 1 else int(value))
+        if vr in _FLOAT_VRS:
+            floats = [float(p) for p in parts]
+            return DataElement(tag, vr, floats if len(floats) > 1 else floats[0])
+    except ValueError:
+        raise QueryKeyError(f"query key {spec!r}: {label} ({vr}) takes numbers") from None
+    if vr in _BINARY_VRS:
+        raise QueryKeyError(f"query key {spec!r}: {label} ({vr}) cannot be matched on a value")
+    return DataElement(tag, vr, value)
+
+
+def query_keys(specs: Iterable[str]) -> Dataset:
+    """The identifier keys for ``specs`` (see :func:`query_key`); a later key replaces an earlier
+    one for the same attribute."""
+    keys = Dataset()
+    for spec in specs:
+        element = query_key(spec)
+        keys[element.tag] = element
+    return keys
+
+
+def _identifier(level: QueryLevel, keys: Dataset) -> Dataset:
+    """``keys`` with the Query/Retrieve Level (PS3.4 C.4.1.1.3.1) and, when a value needs it,
+    Specific Character Set (0008,0005) UTF-8 (PS3.4 C.4.1.1.3.1: present only if a value is
+    outside the default repertoire)."""
+    identifier = Dataset()
+    identifier.update(keys)
+    identifier.QueryRetrieveLevel = level.value
+    if _SPECIFIC_CHARACTER_SET not in identifier and any(
+        element.VR in _TEXT_VRS and element.value is not None and not str(element.value).isascii()
+        for element in identifier
+    ):
+        identifier.SpecificCharacterSet = _UTF8
+    return identifier
+
+
+@dataclass
+class QueryOutcome:
+    """What a C-FIND, C-MOVE or C-GET came to: the peer's final status, or why there was none."""
+
+    peer: Peer
+    service: QueryService
+    # The final response's status (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4); None without one.
+    status: int | None = None
+    error_comment: str | None = None  # (0000,0902) of the final response, when given
+    # True when a C-CANCEL was sent (PS3.7 9.3.2.3, 9.3.3.3, 9.3.4.3) or the operation was
+    # cancelled before the request went out.
+    cancelled: bool = False
+    failure: AssociationFailure | None = None  # no usable association
+    error: str | None = None  # the association was usable but no final response came
+    elapsed: float = 0.0
+
+    @property
+    def category(self) -> Category:
+        """The final status's category; FAILURE without one (CANCEL if nothing was sent)."""
+        if self.status is not None:
+            return category(self.status)
+        if self.cancelled and self.error is None and self.failure is None:
+            return Category.CANCEL
+        return Category.FAILURE
+
+    def categories(self) -> list[Category]:
+        """The final category, plus CANCEL when the user cancelled (the exit code's input)."""
+        found = [self.category]
+        if self.cancelled and Category.CANCEL not in found:
+            found.append(Category.CANCEL)
+        return found
+
+
+@dataclass
+class FindReport(QueryOutcome):
+    """The outcome of :func:`find`: every match (Pending response identifier) in order."""
+
+    matches: list[Dataset] = field(default_factory=list)
+
+
+@dataclass
+class RetrieveReport(QueryOutcome):
+    """The outcome of :func:`move` or :func:`get`.
+
+    The counts are the peer's Number of Remaining/Completed/Failed/Warning Sub-operations
+    (PS3.4 C.4.2.1.6, C.4.3.1.5), from its last response; None when it never said.
+    """
+
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+    # Failed SOP Instance UID List (0008,0058) of the final response (PS3.4 C.4.2.1.5).
+    failed_instances: list[str] = field(default_factory=list)
+    # C-GET: the files written, in order of arrival, and the sub-operations we refused.
+    files: list[Path] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+MatchCallback = Callable[[Dataset], None]
+# (remaining, completed, failed, warning) sub-operations, from each Pending response.
+ProgressCallback = Callable[[int, int, int, int], None]
+_Responses = Iterator[tuple[Dataset, Dataset | None]]
+
+# How often the cancel watcher looks whether the operation ended (it reacts to a cancel request
+# at once; this only bounds how long the idle thread outlives the operation).
+_CANCEL_POLL = 0.1
+
+
+class _Canceller:
+    """Sends C-CANCEL (PS3.7 9.3.2.3, 9.3.3.3, 9.3.4.3) as soon as ``cancel`` is set, from a thread.
+
+    The main thread stays blocked reading responses, so the request goes out at once rather
+    than after the next response. If the final response has not arrived ``grace`` seconds after
+    the C-CANCEL, the association is aborted (PS3.8 7.3), which also ends the main thread's wait.
+    """
+
+    def __init__(
+        self,
+        assoc: Association,
+        message_id: int,
+        context_id: int,
+        cancel: threading.Event,
+        grace: float,
+    ) -> None:
+        self._assoc = assoc
+        self._message_id = message_id
+        self._context_id = context_id
+        self._cancel = cancel
+        self._grace = grace
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self.sent = False
+        self.gave_up = False
+        self._thread = threading.Thread(target=self._run, name="dicomnode-cancel", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> bool:
+        """The operation is over: send nothing from now on. Returns whether C-CANCEL was sent."""
+        with self._lock:
+            self._done.set()
+            return self.sent
+
+    def _run(self) -> None:
+        while not self._cancel.wait(_CANCEL_POLL):
+            if self._done.is_set():
+                return
+        with self._lock:
+            if self._done.is_set() or not self._assoc.is_established:
+                return
+            try:
+                self._assoc.send_c_cancel(self._message_id, self._context_id)
+            except Exception:  # the association ended under us; the main thread reports it
+                log.debug("could not send C-CANCEL", exc_info=True)
+                return
+            self.sent = True
+        log.info("C-CANCEL sent for message %d", self._message_id)
+        if not self._done.wait(self._grace):
+            self.gave_up = True
+            log.warning("no final response %g s after C-CANCEL: aborting", self._grace)
+            self._assoc.abort()
+
+
+def _exchange(
+    config: Config,
+    peer: Peer,
+    report: QueryOutcome,
+    sop_class: UID,
+    contexts: Sequence[PresentationContext],
+    request: Callable[[Association, int], _Responses],
+    on_pending: Callable[[Dataset, Dataset | None], None],
+    on_final: Callable[[Dataset, Dataset | None], None],
+    cancel: threading.Event | None,
+    *,
+    ext_neg: Sequence[Any] = (),
+    evt_handlers: Sequence[tuple[Any, Callable[..., Any]]] = (),
+) -> None:
+    """One Query/Retrieve operation on its own association, the path C-FIND/MOVE/GET share.
+
+    Establishes the association, sends the request built by ``request``, hands each Pending
+    response to ``on_pending`` and the final one to ``on_final``, cancels on request, and
+    releases (or aborts) the association. Fills ``report``.
+    """
+    started = time.monotonic()
+    try:
+        assoc, failure = request_association(
+            make_ae(config), config, peer, contexts, ext_neg=ext_neg, evt_handlers=evt_handlers
+        )
+        if failure is not None:
+            log.info("%s", failure.message)
+            report.failure = failure
+            return
+        context = next(
+            (cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class), None
+        )
+        if context is None:
+            _finish(assoc)
+            rejected = next(
+                (cx for cx in assoc.rejected_contexts if cx.abstract_syntax == sop_class), None
+            )
+            why = _CONTEXT_RESULTS.get(rejected.result or 0, "") if rejected else ""
+            report.failure = AssociationFailure(
+                FailureKind.NO_CONTEXT,
+                f"{peer.address} does not accept {sop_class.name} ({sop_class})"
+                + (f": {why}" if why else ""),
+            )
+            return
+        if cancel is not None and cancel.is_set():
+            _finish(assoc)  # cancelled while the association was being set up
+            report.cancelled = True
+            return
+        context_id = cast(int, context.context_id)  # set on every accepted context
+        _converse(config, peer, assoc, context_id, report, request, on_pending, on_final, cancel)
+    finally:
+        report.elapsed = time.monotonic() - started
+
+
+def _converse(
+    config: Config,
+    peer: Peer,
+    assoc: Association,
+    context_id: int,
+    report: QueryOutcome,
+    request: Callable[[Association, int], _Responses],
+    on_pending: Callable[[Dataset, Dataset | None], None],
+    on_final: Callable[[Dataset, Dataset | None], None],
+    cancel: threading.Event | None,
+) -> None:
+    message_id = 1  # the only request on this association
+    try:
+        responses = request(assoc, message_id)
+    except ValueError as exc:  # the identifier cannot be encoded; nothing was sent
+        _finish(assoc)
+        report.error = f"the request was not sent: {exc}"
+        return
+    canceller = None
+    if cancel is not None:
+        grace = config.limits.dimse_timeout
+        canceller = _Canceller(assoc, message_id, context_id, cancel, grace)
+        canceller.start()
+    try:
+        for status, identifier in responses:
+            if "Status" not in status:
+                # pynetdicom's answer to an abort, a DIMSE timeout or an invalid response.
+                if canceller is not None and canceller.gave_up:
+                    report.error = (
+                        f"no final {report.service} response within "
+                        f"{config.limits.dimse_timeout:g} s of the C-CANCEL; association aborted"
+                    )
+                else:
+                    report.error = (
+                        f"no final {report.service} response from {peer.address}: the "
+                        "association was aborted, or no answer came within "
+                        f"{config.limits.dimse_timeout:g} s"
+                    )
+                break
+            code = int(status.Status)
+            if category(code) is Category.PENDING:
+                on_pending(status, identifier)
+                continue
+            report.status = code
+            comment = status.get("ErrorComment")
+            report.error_comment = str(comment) if comment else None
+            on_final(status, identifier)
+            break
+    except BaseException:
+        if canceller is not None:
+            canceller.stop()
+        assoc.abort()
+        raise
+    if canceller is not None:
+        report.cancelled = canceller.stop()
+    if report.status is None:
+        assoc.abort()
+    else:
+        _finish(assoc)
+
+
+def find(
+    config: Config,
+    peer: Peer,
+    level: QueryLevel,
+    model: QueryModel,
+    keys: Dataset,
+    *,
+    on_match: MatchCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> FindReport:
+    """C-FIND (PS3.4 C.4.1) at ``level`` of ``model`` with the identifier ``keys``.
+
+    Every Pending response's identifier is a match, collected in order and handed to
+    ``on_match`` as it arrives. Setting ``cancel`` sends C-CANCEL; the peer then ends with
+    0xFE00 Cancel (PS3.4 C.4.1.1.4). Raises :class:`ValueError` for a level the model lacks.
+    """
+    check_level(model, level)
+    sop_class = qr_sop_class(model, QueryService.FIND)
+    identifier = _identifier(level, keys)
+    report = FindReport(peer=peer, service=QueryService.FIND)
+
+    def request(assoc: Association, message_id: int) -> _Responses:
+        responses: _Responses = assoc.send_c_find(identifier, sop_class, msg_id=message_id)
+        return responses
+
+    def on_pending(status: Dataset, match: Dataset | None) -> None:
+        del status
+        if match is None:
+            log.warning("a C-FIND response identifier could not be decoded; skipped")
+            return
+        report.matches.append(match)
+        if on_match is not None:
+            on_match(match)
+
+    def on_final(status: Dataset, identifier: Dataset | None) -> None:
+        del status, identifier
+
+    contexts = [build_context(sop_class, _QR_TRANSFER_SYNTAXES)]
+    _exchange(config, peer, report, sop_class, contexts, request, on_pending, on_final, cancel)
+    return report
+
+
+# The identifiers of C-FIND/MOVE/GET are small: any uncompressed syntax will do.
+_QR_TRANSFER_SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+def _retrieve_handlers(
+    report: RetrieveReport, on_progress: ProgressCallback | None
+) -> tuple[Callable[[Dataset, Dataset | None], None], Callable[[Dataset, Dataset | None], None]]:
+    """The Pending and final response handlers C-MOVE and C-GET share."""
+
+    def counts(status: Dataset) -> None:
+        for name, keyword in (
+            ("remaining", "NumberOfRemainingSuboperations"),
+            ("completed", "NumberOfCompletedSuboperations"),
+            ("failed", "NumberOfFailedSuboperations"),
+            ("warning", "NumberOfWarningSuboperations"),
+        ):
+            value = status.get(keyword)
+            if value is not None:
+                setattr(report, name, int(value))
+
+    def on_pending(status: Dataset, identifier: Dataset | None) -> None:
+        del identifier
+        counts(status)
+        if on_progress is not None:
+            on_progress(
+                report.remaining or 0,
+                report.completed or 0,
+                report.failed or 0,
+                report.warning or 0,
+            )
+
+    def on_final(status: Dataset, identifier: Dataset | None) -> None:
+        counts(status)
+        # PS3.4 C.4.2.1.6: Number of Remaining Sub-operations is only in a final response after
+        # a cancel; otherwise nothing remains.
+        if "NumberOfRemainingSuboperations" not in status:
+            report.remaining = 0
+        if identifier is not None:
+            failed = identifier.get("FailedSOPInstanceUIDList")
+            if failed:
+                values = failed if isinstance(failed, list | MultiValue) else [failed]
+                report.failed_instances = [str(uid) for uid in values]
+
+    return on_pending, on_final
+
+
+def move(
+    config: Config,
+    peer: Peer,
+    destination_aet: str,
+    level: QueryLevel,
+    model: QueryModel,
+    keys: Dataset,
+    *,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> RetrieveReport:
+    """C-MOVE (PS3.4 C.4.2): ask ``peer`` to send the matching instances to ``destination_aet``.
+
+    The peer resolves the AE title itself (an unknown one is its 0xA801). ``on_progress`` gets
+    the sub-operation counts of every Pending response; setting ``cancel`` sends C-CANCEL.
+    """
+    check_level(model, level)
+    if not valid_ae_title(destination_aet):
+        raise ValueError(f"move destination {destination_aet!r} is not a valid AE title")
+    sop_class = qr_sop_class(model, QueryService.MOVE)
+    identifier = _identifier(level, keys)
+    report = RetrieveReport(peer=peer, service=QueryService.MOVE)
+
+    def request(assoc: Association, message_id: int) -> _Responses:
+        responses: _Responses = assoc.send_c_move(
+            identifier, destination_aet.strip(), sop_class, msg_id=message_id
+        )
+        return responses
+
+    on_pending, on_final = _retrieve_handlers(report, on_progress)
+    contexts = [build_context(sop_class, _QR_TRANSFER_SYNTAXES)]
+    _exchange(config, peer, report, sop_class, contexts, request, on_pending, on_final, cancel)
+    return report
+
+
+# C-GET sub-operations arrive as C-STORE requests on our own association (PS3.4 C.4.3.1), so it
+# proposes storage contexts too, with us in the SCP role (PS3.7 D.3.3.4). Every class of
+# pynetdicom's StoragePresentationContexts (120: sized to leave room in the 128 of PS3.8
+# 9.3.2.2) in the uncompressed little endian syntaxes every SCP can send; the contexts left over
+# ask for the common image classes once more in a compressed syntax, so that compressed data
+# can arrive as it is stored. The peer picks one syntax per context (PS3.8 9.3.3.2).
+_GET_UNCOMPRESSED: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+_GET_COMPRESSED: list[str | UID] = [
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    RLELossless,
+    JPEG2000,
+    JPEGLSNearLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    DeflatedExplicitVRLittleEndian,
+]
+_GET_COMPRESSED_CLASSES = [
+    UID("1.2.840.10008.5.1.4.1.1.2"),  # CT Image Storage
+    UID("1.2.840.10008.5.1.4.1.1.4"),  # MR Image Storage
+    UID("1.2.840.10008.5.1.4.1.1.1"),  # Computed Radiography Image Storage
+    UID("1.2.840.10008.5.1.4.1.1.1.1"),  # Digital X-Ray Image Storage - For Presentation
+    UID("1.2.840.10008.5.1.4.1.1.6.1"),  # Ultrasound Image Storage
+    UID("1.2.840.10008.5.1.4.1.1.1.2"),  # Digital Mammography X-Ray Image Storage - Presentation
+    UID("1.2.840.10008.5.1.4.1.1.7"),  # Secondary Capture Image Storage
+    UID("1.2.840.10008.5.1.4.1.1.3.1"),  # Ultrasound Multi-frame Image Storage
+]
+
+
+def get_contexts(sop_class: UID) -> tuple[list[PresentationContext], list[Any]]:
+    """The presentation contexts (at most 128) and SCP/SCU role items a C-GET proposes."""
+    storage = [UID(str(cx.abstract_syntax)) for cx in StoragePresentationContexts]
+    contexts = [build_context(sop_class, _QR_TRANSFER_SYNTAXES)]
+    contexts += [build_context(uid, _GET_UNCOMPRESSED) for uid in storage]
+    room = MAX_CONTEXTS_PER_ASSOCIATION - len(contexts)
+    contexts += [build_context(uid, _GET_COMPRESSED) for uid in _GET_COMPRESSED_CLASSES[:room]]
+    # PS3.7 D.3.3.4: one role item per SOP class; we are SCP (we receive the C-STOREs).
+    roles = [build_role(uid, scp_role=True) for uid in dict.fromkeys(storage)]
+    return contexts, roles
+
+
+class _InstanceWriter:
+    """The EVT_C_STORE handler of a C-GET: each instance becomes a Part 10 file in ``folder``.
+
+    The file holds the data set exactly as received (no decoding), after a File Meta group with
+    our implementation identity (PS3.10 7.1). Names are random (never a UID or any other value
+    the peer sent); the file is written under a temporary name in the same folder, fsynced and
+    renamed, and the folder fsynced, before success is answered; any failure answers 0xA700
+    (PS3.4 B.2.3, Refused: out of resources) and leaves nothing behind.
+    """
+
+    def __init__(self, folder: Path, report: RetrieveReport) -> None:
+        self.folder = folder
+        self.report = report
+
+    def __call__(self, event: evt.Event) -> int:
+        request = cast(C_STORE, event.request)
+        sop_class = UID(str(request.AffectedSOPClassUID or ""))
+        sop_instance = UID(str(request.AffectedSOPInstanceUID or ""))
+        what = f"SOP instance {sop_instance}"
+        try:
+            if request.DataSet is None:
+                raise ValueError("the C-STORE request carries no data set")
+            meta = create_file_meta(
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance,
+                transfer_syntax=UID(event.context.transfer_syntax),
+                implementation_uid=UID(IMPLEMENTATION_CLASS_UID),
+                implementation_version=IMPLEMENTATION_VERSION_NAME,
+            )
+            header = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+            # pynetdicom holds the received data set in a BytesIO; write it without a copy.
+            path = _write_atomically(self.folder, header, request.DataSet.getbuffer())
+        except Exception as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warning("%s not written to %s: %s", what, self.folder, reason)
+            self.report.refused.append(f"{what}: {reason}")
+            return int(Status.OUT_OF_RESOURCES)
+        self.report.files.append(path)
+        log.info("%s written to %s", what, path)
+        return int(Status.SUCCESS)
+
+
+def _write_atomically(folder: Path, header: bytes, data: memoryview) -> Path:
+    """Write ``header + data`` to a new randomly named ``.dcm`` file in ``folder``, durably."""
+    temp = folder / f".{secrets.token_hex(16)}.part"
+    try:
+        with temp.open("xb") as fh:
+            fh.write(header)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        target = folder / f"{secrets.token_hex(16)}.dcm"
+        os.rename(temp, target)  # a 128-bit random name does not clash in practice
+        fsync_dir(folder)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def get(
+    config: Config,
+    peer: Peer,
+    level: QueryLevel,
+    model: QueryModel,
+    keys: Dataset,
+    out_dir: Path,
+    *,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> RetrieveReport:
+    """C-GET (PS3.4 C.4.3): retrieve the matching instances over this association into
+    ``out_dir`` (which must exist), one Part 10 file each (see :class:`_InstanceWriter`).
+
+    ``on_progress`` gets the sub-operation counts of every Pending response; setting
+    ``cancel`` sends C-CANCEL.
+    """
+    check_level(model, level)
+    sop_class = qr_sop_class(model, QueryService.GET)
+    identifier = _identifier(level, keys)
+    report = RetrieveReport(peer=peer, service=QueryService.GET)
+
+    def request(assoc: Association, message_id: int) -> _Responses:
+        responses: _Responses = assoc.send_c_get(identifier, sop_class, msg_id=message_id)
+        return responses
+
+    on_pending, on_final = _retrieve_handlers(report, on_progress)
+    contexts, roles = get_contexts(sop_class)
+    writer = _InstanceWriter(out_dir, report)
+    _exchange(
+        config,
+        peer,
+        report,
+        sop_class,
+        contexts,
+        request,
+        on_pending,
+        on_final,
+        cancel,
+        ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, writer)],
+    )
+    return report

@@ -184,3 +184,70 @@ def storescp(
     argv = ["storescp", "-aet", aet, "-od", str(out_dir), "+B", "+uf", "-dhl", *options]
     with dcmtk_server(argv, aet=aet, log_path=log_path) as endpoint:
         yield endpoint
+
+
+@contextmanager
+def dcmqrscp(
+    storage_dir: Path,
+    *,
+    aet: str = "QRSCP",
+    peers: dict[str, Endpoint] | None = None,
+    options: Sequence[str] = (),
+    max_pdu: int = 65536,
+    log_path: Path | None = None,
+) -> Iterator[Endpoint]:
+    """DCMTK dcmqrscp, a Query/Retrieve SCP (and storage SCP) over one storage area.
+
+    Writes its configuration file next to ``storage_dir`` (see ``man dcmqrscp`` and
+    /etc/dcmtk/dcmqrscp.cfg): one AE title ``aet`` whose storage area is ``storage_dir``,
+    read/write, open to any caller, and a HostTable with ``peers`` (symbolic name ->
+    AET/host/port), the C-MOVE destinations it knows. Instances sent to it (C-STORE) are
+    indexed in ``storage_dir/index.dat`` and can then be found and retrieved. ``options`` adds
+    command-line options (``-d`` logs every PDU, role negotiation included).
+    """
+    storage_dir.mkdir(parents=True, exist_ok=True)
+    if any(c.isspace() for c in str(storage_dir)):
+        raise ValueError(f"dcmqrscp cannot take a storage path with spaces: {storage_dir}")
+    hosts = [f"{name} = ({ep.aet}, {ep.host}, {ep.port})" for name, ep in (peers or {}).items()]
+    config = storage_dir.parent / f"{storage_dir.name}-dcmqrscp.cfg"
+    config.write_text(
+        "\n".join(
+            [
+                # The port given on the command line (dcmtk_server appends it) wins over this.
+                "NetworkTCPPort  = 104",
+                f"MaxPDUSize      = {max_pdu}",
+                "MaxAssociations = 16",
+                "",
+                "HostTable BEGIN",
+                *hosts,
+                "HostTable END",
+                "",
+                "VendorTable BEGIN",
+                "VendorTable END",
+                "",
+                "AETable BEGIN",
+                # AETitle StorageArea Access Quota(maxStudies, maxBytesPerStudy) Peers
+                f"{aet} {storage_dir} RW (1000, 1024mb) ANY",
+                "AETable END",
+                "",
+            ]
+        ),
+        encoding="ascii",
+    )
+    argv = ["dcmqrscp", "-c", str(config), "-dhl", *options]
+    with dcmtk_server(argv, aet=aet, log_path=log_path) as endpoint:
+        yield endpoint
+
+
+def storescu(
+    peer: Endpoint, files: Sequence[Path], *, options: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Send ``files`` to ``peer`` with DCMTK storescu on one association; raises on failure."""
+    require_dcmtk("storescu")
+    argv = ["storescu", "-aec", peer.aet, *options, peer.host, str(peer.port), *map(str, files)]
+    result = subprocess.run(
+        argv, capture_output=True, text=True, env=DCMTK_ENV, timeout=120, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu exited with {result.returncode}:\n{result.stderr}")
+    return result

@@ -26,8 +26,9 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from dicomnode.config import Config, DuplicatePolicy
 from dicomnode.encoding import EncodingError, check_dataset
 from dicomnode.index import DuplicateInstance, Index, IndexError_, NewInstance
-from dicomnode.index.query import Model, StoredInstance, count, instances, parse, run
+from dicomnode.index.query import StoredInstance, count, instances, parse, run
 from dicomnode.policy import is_valid_uid, uid_name
+from dicomnode.qr import Model
 from dicomnode.status import Status
 from dicomnode.storage import Storage, StorageError
 

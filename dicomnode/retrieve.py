@@ -34,8 +34,9 @@ from pynetdicom.status import QR_GET_SERVICE_CLASS_STATUS, QR_MOVE_SERVICE_CLASS
 
 from dicomnode import scu, transcode
 from dicomnode.config import Peer
-from dicomnode.index.query import Model, QueryError, StoredInstance
+from dicomnode.index.query import QueryError, StoredInstance
 from dicomnode.policy import uid_name
+from dicomnode.qr import Operation, model_of
 from dicomnode.status import Category, Status, category, describe
 
 if TYPE_CHECKING:
@@ -43,14 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MOVE_MODELS = {
-    "1.2.840.10008.5.1.4.1.2.1.2": Model.PATIENT_ROOT,
-    "1.2.840.10008.5.1.4.1.2.2.2": Model.STUDY_ROOT,
-}
-GET_MODELS = {
-    "1.2.840.10008.5.1.4.1.2.1.3": Model.PATIENT_ROOT,
-    "1.2.840.10008.5.1.4.1.2.2.3": Model.STUDY_ROOT,
-}
 # PS3.7 9.3.2.2: the sub-operation counts are US, so one retrieval is at most 65535 instances.
 MAX_SUBOPERATIONS = 0xFFFF
 _UNCOMPRESSED_LE = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
@@ -114,7 +107,8 @@ class _Retrieval:
         self.assoc: Association = service.assoc
         self.node: Node = self.assoc.ae.dicomnode_node  # type: ignore[attr-defined]
         self.calling = self.node.calling_ae_title(self.assoc)
-        self.name = "C-MOVE" if move else "C-GET"
+        self.operation = Operation.MOVE if move else Operation.GET
+        self.name = self.operation.value
         self.msg_id = int(req.MessageID or 0)
         self.service.statuses = (
             QR_MOVE_SERVICE_CLASS_STATUS if move else QR_GET_SERVICE_CLASS_STATUS
@@ -123,8 +117,7 @@ class _Retrieval:
     # --- the protocol ----------------------------------------------------------------------
 
     def run(self) -> None:
-        models = MOVE_MODELS if self.move else GET_MODELS
-        model = models.get(str(self.context.abstract_syntax))
+        model = model_of(str(self.context.abstract_syntax), self.operation)
         if model is None:
             self._refuse(Status.SOP_CLASS_NOT_SUPPORTED, "information model not supported")
             return
@@ -262,7 +255,13 @@ class _Retrieval:
     # --- responses -------------------------------------------------------------------------
 
     def _refuse(self, status: Status, reason: str) -> None:
-        log.warning("%s from %s refused, %s: %s", self.name, self.calling, describe(status), reason)
+        log.warning(
+            "%s from %s refused, %s: %s",
+            self.name,
+            self.calling,
+            describe(status, self.operation),
+            reason,
+        )
         self._respond(status, None, with_failures=False)
 
     def _respond(
@@ -488,7 +487,7 @@ _installed = False
 
 
 def _service_class(uid: str) -> Any:
-    if uid in MOVE_MODELS or uid in GET_MODELS:
+    if model_of(uid, Operation.MOVE) or model_of(uid, Operation.GET):
         return RetrieveServiceClass
     return _pynetdicom_service_class(uid)
 

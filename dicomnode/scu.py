@@ -60,7 +60,8 @@ from pynetdicom.presentation import PresentationContext, build_context, build_ro
 
 from dicomnode.config import Config, Peer, valid_ae_title
 from dicomnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, new_ae
-from dicomnode.status import Category, Status, category, describe
+from dicomnode.qr import SOP_CLASSES, Level, Model, Operation
+from dicomnode.status import Category, Status, category
 from dicomnode.storage import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -762,51 +763,17 @@ def _unusable_contexts(
 # --- Query/Retrieve: C-FIND, C-MOVE, C-GET (PS3.4 Annex C) ------------------------------------
 
 
-class QueryLevel(StrEnum):
-    """Query/Retrieve Level (0008,0052) values (PS3.4 C.6.1.1, C.6.2.1)."""
-
-    PATIENT = "PATIENT"
-    STUDY = "STUDY"
-    SERIES = "SERIES"
-    IMAGE = "IMAGE"
-
-
-class QueryModel(StrEnum):
-    """The Query/Retrieve Information Model (PS3.4 C.6): the level at the root of the tree."""
-
-    PATIENT_ROOT = "patient"
-    STUDY_ROOT = "study"
-
-
-class QueryService(StrEnum):
-    """The three DIMSE-C operations of the Query/Retrieve Service Class (PS3.4 C.4)."""
-
-    FIND = "C-FIND"
-    MOVE = "C-MOVE"
-    GET = "C-GET"
-
-
-# PS3.4 C.6.1.3 / C.6.2.3; the UIDs are listed in PS3.6 Annex A.
-_QR_SOP_CLASSES: dict[tuple[QueryModel, QueryService], UID] = {
-    (QueryModel.PATIENT_ROOT, QueryService.FIND): UID("1.2.840.10008.5.1.4.1.2.1.1"),
-    (QueryModel.PATIENT_ROOT, QueryService.MOVE): UID("1.2.840.10008.5.1.4.1.2.1.2"),
-    (QueryModel.PATIENT_ROOT, QueryService.GET): UID("1.2.840.10008.5.1.4.1.2.1.3"),
-    (QueryModel.STUDY_ROOT, QueryService.FIND): UID("1.2.840.10008.5.1.4.1.2.2.1"),
-    (QueryModel.STUDY_ROOT, QueryService.MOVE): UID("1.2.840.10008.5.1.4.1.2.2.2"),
-    (QueryModel.STUDY_ROOT, QueryService.GET): UID("1.2.840.10008.5.1.4.1.2.2.3"),
-}
-
 # What a query asks for when the user names no return keys: the attributes a person looks at
 # first at each level, the level's unique key last (PS3.4 C.6.1.1.2-5, C.6.2.1.2).
-DEFAULT_RETURN_KEYS: dict[QueryLevel, tuple[str, ...]] = {
-    QueryLevel.PATIENT: (
+DEFAULT_RETURN_KEYS: dict[Level, tuple[str, ...]] = {
+    Level.PATIENT: (
         "PatientName",
         "PatientID",
         "PatientBirthDate",
         "PatientSex",
         "NumberOfPatientRelatedStudies",
     ),
-    QueryLevel.STUDY: (
+    Level.STUDY: (
         "PatientName",
         "PatientID",
         "StudyDate",
@@ -815,14 +782,14 @@ DEFAULT_RETURN_KEYS: dict[QueryLevel, tuple[str, ...]] = {
         "ModalitiesInStudy",
         "StudyInstanceUID",
     ),
-    QueryLevel.SERIES: (
+    Level.SERIES: (
         "Modality",
         "SeriesNumber",
         "SeriesDescription",
         "NumberOfSeriesRelatedInstances",
         "SeriesInstanceUID",
     ),
-    QueryLevel.IMAGE: ("InstanceNumber", "SOPClassUID", "SOPInstanceUID"),
+    Level.IMAGE: ("InstanceNumber", "SOPClassUID", "SOPInstanceUID"),
 }
 
 _QUERY_RETRIEVE_LEVEL = Tag(0x0008, 0x0052)
@@ -839,64 +806,26 @@ _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT"})
 _KEY_TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
 
 
-# Status meanings particular to the Query/Retrieve operations, where they differ from (or are
-# more precise than) the general ones of dicomnode.status: PS3.4 C.4.1.1.4 (C-FIND),
-# C.4.2.1.5 (C-MOVE), C.4.3.1.4 (C-GET).
-_QR_STATUS_MEANINGS: dict[QueryService, dict[int, str]] = {
-    QueryService.FIND: {
-        0x0000: "Success: matching is complete",
-        0xA700: "Refused: out of resources",
-        0xA900: "Failed: identifier does not match SOP class",
-        0xFE00: "Cancelled: matching terminated due to cancel request",
-    },
-    QueryService.MOVE: {
-        0x0000: "Success: sub-operations complete, no failures",
-        0xA701: "Refused: out of resources, unable to calculate number of matches",
-        0xA702: "Refused: out of resources, unable to perform sub-operations",
-        0xA801: "Refused: move destination unknown",
-        0xA900: "Failed: identifier does not match SOP class",
-        0xB000: "Warning: sub-operations complete, one or more failures or warnings",
-        0xFE00: "Cancelled: sub-operations terminated due to cancel indication",
-    },
-    QueryService.GET: {
-        0x0000: "Success: sub-operations complete, no failures",
-        0xA701: "Refused: out of resources, unable to calculate number of matches",
-        0xA702: "Refused: out of resources, unable to perform sub-operations",
-        0xA900: "Failed: identifier does not match SOP class",
-        0xB000: "Warning: sub-operations complete, one or more failures or warnings",
-        0xFE00: "Cancelled: sub-operations terminated due to cancel indication",
-    },
-}
-
-
-def describe_status(service: QueryService, status: int) -> str:
-    """``status`` of a final ``service`` response with its meaning: ``0xA801 Refused: ...``."""
-    text = _QR_STATUS_MEANINGS[service].get(status)
-    if text is None and 0xC000 <= status <= 0xCFFF:
-        text = "Failed: unable to process"  # the Cxxx failure of all three operations
-    return f"0x{status:04X} {text}" if text else describe(status)
-
-
 class QueryKeyError(ValueError):
     """A ``Keyword=Value`` query key that cannot be used; the message says why."""
 
 
-def check_level(model: QueryModel, level: QueryLevel) -> None:
+def check_level(model: Model, level: Level) -> None:
     """Raise :class:`ValueError` when ``model`` has no ``level``.
 
     PS3.4 C.6.2.1: the Study Root model starts at the Study level; only Patient Root has a
     Patient level.
     """
-    if model is QueryModel.STUDY_ROOT and level is QueryLevel.PATIENT:
+    if model is Model.STUDY_ROOT and level is Level.PATIENT:
         raise ValueError(
             "the Study Root information model has no PATIENT level (PS3.4 C.6.2); "
             "use the Patient Root model for patient-level queries"
         )
 
 
-def qr_sop_class(model: QueryModel, service: QueryService) -> UID:
+def qr_sop_class(model: Model, service: Operation) -> UID:
     """The SOP Class UID of ``service`` in ``model`` (PS3.4 C.6.1.3, C.6.2.3)."""
-    return _QR_SOP_CLASSES[model, service]
+    return UID(SOP_CLASSES[model, service])
 
 
 def query_key(spec: str) -> DataElement:
@@ -972,7 +901,7 @@ def query_keys(specs: Iterable[str]) -> Dataset:
     return keys
 
 
-def _identifier(level: QueryLevel, keys: Dataset) -> Dataset:
+def _identifier(level: Level, keys: Dataset) -> Dataset:
     """``keys`` with the Query/Retrieve Level (PS3.4 C.4.1.1.3.1) and, when a value needs it,
     Specific Character Set (0008,0005) UTF-8 (PS3.4 C.4.1.1.3.1: present only if a value is
     outside the default repertoire)."""
@@ -992,7 +921,7 @@ class QueryOutcome:
     """What a C-FIND, C-MOVE or C-GET came to: the peer's final status, or why there was none."""
 
     peer: Peer
-    service: QueryService
+    service: Operation
     # The final response's status (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4); None without one.
     status: int | None = None
     error_comment: str | None = None  # (0000,0902) of the final response, when given
@@ -1230,8 +1159,8 @@ def _converse(
 def find(
     config: Config,
     peer: Peer,
-    level: QueryLevel,
-    model: QueryModel,
+    level: Level,
+    model: Model,
     keys: Dataset,
     *,
     on_match: MatchCallback | None = None,
@@ -1244,9 +1173,9 @@ def find(
     0xFE00 Cancel (PS3.4 C.4.1.1.4). Raises :class:`ValueError` for a level the model lacks.
     """
     check_level(model, level)
-    sop_class = qr_sop_class(model, QueryService.FIND)
+    sop_class = qr_sop_class(model, Operation.FIND)
     identifier = _identifier(level, keys)
-    report = FindReport(peer=peer, service=QueryService.FIND)
+    report = FindReport(peer=peer, service=Operation.FIND)
 
     def request(assoc: Association, message_id: int) -> _Responses:
         responses: _Responses = assoc.send_c_find(identifier, sop_class, msg_id=message_id)
@@ -1319,8 +1248,8 @@ def move(
     config: Config,
     peer: Peer,
     destination_aet: str,
-    level: QueryLevel,
-    model: QueryModel,
+    level: Level,
+    model: Model,
     keys: Dataset,
     *,
     on_progress: ProgressCallback | None = None,
@@ -1334,9 +1263,9 @@ def move(
     check_level(model, level)
     if not valid_ae_title(destination_aet):
         raise ValueError(f"move destination {destination_aet!r} is not a valid AE title")
-    sop_class = qr_sop_class(model, QueryService.MOVE)
+    sop_class = qr_sop_class(model, Operation.MOVE)
     identifier = _identifier(level, keys)
-    report = RetrieveReport(peer=peer, service=QueryService.MOVE)
+    report = RetrieveReport(peer=peer, service=Operation.MOVE)
 
     def request(assoc: Association, message_id: int) -> _Responses:
         responses: _Responses = assoc.send_c_move(
@@ -1456,8 +1385,8 @@ def _write_atomically(folder: Path, header: bytes, data: memoryview) -> Path:
 def get(
     config: Config,
     peer: Peer,
-    level: QueryLevel,
-    model: QueryModel,
+    level: Level,
+    model: Model,
     keys: Dataset,
     out_dir: Path,
     *,
@@ -1471,9 +1400,9 @@ def get(
     ``cancel`` sends C-CANCEL.
     """
     check_level(model, level)
-    sop_class = qr_sop_class(model, QueryService.GET)
+    sop_class = qr_sop_class(model, Operation.GET)
     identifier = _identifier(level, keys)
-    report = RetrieveReport(peer=peer, service=QueryService.GET)
+    report = RetrieveReport(peer=peer, service=Operation.GET)
 
     def request(assoc: Association, message_id: int) -> _Responses:
         responses: _Responses = assoc.send_c_get(identifier, sop_class, msg_id=message_id)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from dicomnode.qr import Operation
+
 
 class Status(IntEnum):
     """The statuses this node sends or interprets."""
@@ -115,8 +117,37 @@ def category(status: int) -> Category:
     return Category.FAILURE
 
 
-def describe(status: int) -> str:
-    """A short meaning for ``status``, with the code: ``0xA700 Refused: out of resources``."""
+# Meanings particular to the Query/Retrieve operations, where they differ from (or are more precise
+# than) the general ones above: PS3.4 C.4.1.1.4 (C-FIND), C.4.2.1.5 (C-MOVE), C.4.3.1.4 (C-GET).
+_RETRIEVE_MEANINGS = {
+    0x0000: "Success: sub-operations complete, no failures",
+    0xA701: "Refused: out of resources, unable to calculate number of matches",
+    0xA702: "Refused: out of resources, unable to perform sub-operations",
+    0xA900: "Failed: identifier does not match SOP class",
+    0xB000: "Warning: sub-operations complete, one or more failures or warnings",
+    0xFE00: "Cancelled: sub-operations terminated due to cancel indication",
+}
+_OPERATION_MEANINGS: dict[Operation, dict[int, str]] = {
+    Operation.FIND: {
+        0x0000: "Success: matching is complete",
+        0xA700: "Refused: out of resources",
+        0xA900: "Failed: identifier does not match SOP class",
+        0xFE00: "Cancelled: matching terminated due to cancel request",
+    },
+    Operation.MOVE: {**_RETRIEVE_MEANINGS, 0xA801: "Refused: move destination unknown"},
+    Operation.GET: _RETRIEVE_MEANINGS,
+}
+
+
+def describe(status: int, operation: Operation | None = None) -> str:
+    """A short meaning for ``status``, with the code: ``0xA700 Refused: out of resources``;
+    for a Query/Retrieve ``operation``, in that operation's terms."""
+    if operation is not None:
+        text = _OPERATION_MEANINGS[operation].get(status)
+        if text is None and 0xC000 <= status <= 0xCFFF:
+            text = "Failed: unable to process"  # the Cxxx failure of all three operations
+        if text is not None:
+            return f"0x{status:04X} {text}"
     text = _DESCRIPTIONS.get(status)
     if text is None:
         text = next((t for lo, hi, _, t in _RANGES if lo <= status <= hi), "Unknown status")

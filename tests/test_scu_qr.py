@@ -41,6 +41,7 @@ from dicomnode import scu
 from dicomnode.cli import main
 from dicomnode.config import Config, Limits, Peer
 from dicomnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomnode.qr import Level, Model, Operation
 from dicomnode.status import Category, ExitCode
 from tests.support.corpus import CHARSET_FILES, TEST_FILES, dataset_bytes
 from tests.support.dcmtk import (
@@ -300,7 +301,7 @@ def test_find_series_and_image_levels(archive: Archive) -> None:
 
     assert table.returncode == ExitCode.SUCCESS, table.stderr
     header = table.stdout.splitlines()[0].split()
-    assert header == ["StudyInstanceUID", *scu.DEFAULT_RETURN_KEYS[scu.QueryLevel.SERIES]]
+    assert header == ["StudyInstanceUID", *scu.DEFAULT_RETURN_KEYS[Level.SERIES]]
     assert {m.SeriesInstanceUID for m in by_series} == series
     assert {m.Modality for m in by_series} == {"CT"}
     assert len(series) == 2
@@ -407,7 +408,7 @@ def test_query_keys_parse_like_findscu() -> None:
 
 
 def test_get_proposes_at_most_128_contexts() -> None:
-    get_class = scu.qr_sop_class(scu.QueryModel.STUDY_ROOT, scu.QueryService.GET)
+    get_class = scu.qr_sop_class(Model.STUDY_ROOT, Operation.GET)
 
     contexts, roles = scu.get_contexts(get_class)
 
@@ -679,8 +680,8 @@ def test_find_cancelled_from_on_match() -> None:
         report = scu.find(
             api_config(),
             peer,
-            scu.QueryLevel.STUDY,
-            scu.QueryModel.STUDY_ROOT,
+            Level.STUDY,
+            Model.STUDY_ROOT,
             scu.query_keys(["PatientName=MATCH*"]),
             on_match=lambda match: cancel.set(),
             cancel=cancel,
@@ -718,8 +719,8 @@ def test_get_cancelled_from_on_progress(tmp_path: Path) -> None:
         report = scu.get(
             api_config(),
             peer,
-            scu.QueryLevel.STUDY,
-            scu.QueryModel.STUDY_ROOT,
+            Level.STUDY,
+            Model.STUDY_ROOT,
             scu.query_keys(["StudyInstanceUID=1.2.3"]),
             tmp_path,
             on_progress=on_progress,
@@ -756,8 +757,8 @@ def test_peer_ignoring_cancel_is_aborted_after_the_dimse_timeout() -> None:
             report = scu.find(
                 api_config(dimse_timeout=1),
                 peer,
-                scu.QueryLevel.STUDY,
-                scu.QueryModel.STUDY_ROOT,
+                Level.STUDY,
+                Model.STUDY_ROOT,
                 Dataset(),
                 on_match=lambda match: cancel.set(),
                 cancel=cancel,

@@ -25,6 +25,7 @@ from pydicom.tag import BaseTag, Tag
 from dicomnode import scu
 from dicomnode.cli import CliState, pass_state, setup_logging, with_config
 from dicomnode.config import Config, ConfigError, Peer, resolve_peer, valid_ae_title
+from dicomnode.qr import Level, Model
 from dicomnode.status import Category, ExitCode, category, describe, exit_code
 
 
@@ -158,8 +159,8 @@ def _distinct(failures: list[scu.AssociationFailure]) -> list[scu.AssociationFai
 
 # --- Query/Retrieve: find, move, get ------------------------------------------------------------
 
-_LEVELS = [level.value.lower() for level in scu.QueryLevel]
-_MODELS = [model.value for model in scu.QueryModel]
+_LEVELS = [level.value.lower() for level in Level]
+_MODELS = [model.value for model in Model]
 _CELL_WIDTH = 64  # the longest UI/LO value; longer text (LT, UT) is cut
 _Report = TypeVar("_Report", bound=scu.QueryOutcome)
 
@@ -208,8 +209,8 @@ def _query_options(default_level: str) -> Callable[[Callable[..., Any]], Callabl
     return decorate
 
 
-def _level_model(level: str, model: str) -> tuple[scu.QueryLevel, scu.QueryModel]:
-    query_level, query_model = scu.QueryLevel(level.upper()), scu.QueryModel(model.lower())
+def _level_model(level: str, model: str) -> tuple[Level, Model]:
+    query_level, query_model = Level(level.upper()), Model(model.lower())
     try:
         scu.check_level(query_model, query_level)
     except ValueError as exc:
@@ -277,7 +278,7 @@ def _outcome(name: str, report: scu.QueryOutcome, quiet: bool) -> ExitCode:
         click.echo(f"dicomnode {name}: {report.error}", err=True)
     if report.cancelled:
         if report.status is not None:
-            answer = f"{peer.name} answered {scu.describe_status(report.service, report.status)}"
+            answer = f"{peer.name} answered {describe(report.status, report.service)}"
             click.echo(f"dicomnode {name}: cancelled (C-CANCEL); {answer}", err=True)
         elif report.error is None:
             click.echo(f"dicomnode {name}: cancelled before the request was sent", err=True)
@@ -287,7 +288,7 @@ def _outcome(name: str, report: scu.QueryOutcome, quiet: bool) -> ExitCode:
         if shown:
             click.echo(
                 f"dicomnode {name}: {peer.name} answered "
-                f"{scu.describe_status(report.service, report.status)}{comment}",
+                f"{describe(report.status, report.service)}{comment}",
                 err=True,
             )
     return exit_code(report.categories())
@@ -413,9 +414,7 @@ def _retrieve_summary(verb: str, report: scu.RetrieveReport, where: str) -> str:
     warning, remaining = report.warning or 0, report.remaining or 0
     total = completed + failed + warning + remaining
     status = (
-        scu.describe_status(report.service, report.status)
-        if report.status is not None
-        else "no final status"
+        describe(report.status, report.service) if report.status is not None else "no final status"
     )
     left = f", {remaining} not attempted" if remaining else ""
     if not total:  # nothing matched, or the peer refused before any sub-operation

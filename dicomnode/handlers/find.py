@@ -11,20 +11,15 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.events import Event
 
 from dicomnode.archive import TooManyMatches
-from dicomnode.index.query import Model, QueryError
+from dicomnode.index.query import QueryError
 from dicomnode.policy import uid_name
+from dicomnode.qr import Operation, model_of
 from dicomnode.status import Status, describe
 
 if TYPE_CHECKING:
     from dicomnode.ae import Node
 
 log = logging.getLogger(__name__)
-
-# The FIND information models we answer (PS3.4 C.6.1.1 Patient Root, C.6.2.1 Study Root).
-FIND_MODELS = {
-    "1.2.840.10008.5.1.4.1.2.1.1": Model.PATIENT_ROOT,
-    "1.2.840.10008.5.1.4.1.2.2.1": Model.STUDY_ROOT,
-}
 
 Response = tuple[Status, Dataset | None]
 
@@ -33,7 +28,7 @@ def handle_find(event: Event, node: Node) -> Iterator[Response]:
     request = cast(C_FIND, event.request)
     calling = node.calling_ae_title(event.assoc)
     sop_class = str(request.AffectedSOPClassUID or "")
-    model = FIND_MODELS.get(sop_class)
+    model = model_of(sop_class, Operation.FIND)
     if model is None:
         yield _failed(calling, Status.SOP_CLASS_NOT_SUPPORTED, f"{uid_name(sop_class)} model")
         return
@@ -63,5 +58,5 @@ def handle_find(event: Event, node: Node) -> Iterator[Response]:
 
 
 def _failed(calling: str, status: Status, reason: str) -> Response:
-    log.warning("C-FIND from %s failed, %s: %s", calling, describe(status), reason)
+    log.warning("C-FIND from %s failed, %s: %s", calling, describe(status, Operation.FIND), reason)
     return status, None

@@ -20,7 +20,6 @@ from playhouse.pool import PooledSqliteDatabase
 
 from dicomnode.index.attributes import (
     PERSON_NAMES,
-    Level,
     extract,
     fold,
     name_groups,
@@ -36,6 +35,7 @@ from dicomnode.index.models import (
     Series,
     Study,
 )
+from dicomnode.qr import Level
 
 log = logging.getLogger(__name__)
 

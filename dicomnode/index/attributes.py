@@ -12,14 +12,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-
-class Level(StrEnum):
-    """Query/retrieve levels (PS3.4 C.6.1.1.1), named as in (0008,0052) Query/Retrieve Level."""
-
-    PATIENT = "PATIENT"
-    STUDY = "STUDY"
-    SERIES = "SERIES"
-    IMAGE = "IMAGE"
+from dicomnode.qr import Level
 
 
 class Kind(StrEnum):
@@ -81,7 +74,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 )
 
 BY_KEYWORD = {a.keyword: a for a in ATTRIBUTES}
-LEVEL_ORDER = (Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE)
+LEVEL_ORDER = tuple(Level)  # top first
 UNIQUE_KEY = {a.level: a for a in ATTRIBUTES if a.unique_key}
 PERSON_NAMES = tuple(a for a in ATTRIBUTES if a.kind is Kind.PERSON_NAME)
 

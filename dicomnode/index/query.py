@@ -22,7 +22,6 @@ import itertools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import peewee as pw
@@ -36,27 +35,15 @@ from dicomnode.index.attributes import (
     UNIQUE_KEY,
     Attribute,
     Kind,
-    Level,
     fold,
     name_groups,
     pad_time,
 )
 from dicomnode.index.models import Instance, Patient, PersonName, Series, Study
+from dicomnode.qr import LEVELS, Level, Model
 
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
-
-class Model(StrEnum):
-    """Query/Retrieve information models (PS3.4 C.6.1 Patient Root, C.6.2 Study Root)."""
-
-    PATIENT_ROOT = "patient"
-    STUDY_ROOT = "study"
-
-
-LEVELS = {
-    Model.PATIENT_ROOT: LEVEL_ORDER,
-    Model.STUDY_ROOT: LEVEL_ORDER[1:],
-}
 
 _TABLE: dict[Level, Any] = {
     Level.PATIENT: Patient,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,11 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+from pynetdicom.presentation import AllStoragePresentationContexts
 
+from dicomnode import scu
+from dicomnode.config import Config, Peer
+from dicomnode.qr import Level, Model
 from dicomnode.status import Status
 from tests.conftest import require_dcmtk
 from tests.support.corpus import TEST_FILES, dataset_bytes
@@ -293,8 +298,6 @@ def test_destination_that_aborts_midway(tmp_path: Path) -> None:
 def test_more_than_128_contexts_use_several_associations(tmp_path: Path) -> None:
     """130 SOP classes in one study: 130 presentation contexts, so two associations to the
     destination (PS3.8 9.3.2.2: at most 128 per association), and every instance arrives."""
-    from pynetdicom.presentation import AllStoragePresentationContexts
-
     classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts][:130]
     study, series = generate_uid(), generate_uid()
     source = tmp_path / "many"
@@ -339,3 +342,54 @@ def test_destination_refusing_the_association(tmp_path: Path) -> None:
             str(pydicom.dcmread(p).SOPInstanceUID) for p in paths
         )
         node.wait_for_log("rejected the association")
+
+
+def test_our_get_scu_against_our_scp_with_cancel(tmp_path: Path) -> None:
+    """dicomnode's C-GET SCU against dicomnode's C-GET SCP: the whole study arrives byte for
+    byte; a second C-GET cancelled after the first instance ends with FE00 and the counts."""
+    study, paths = many_instances(tmp_path / "many", 40)
+    by_uid = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in paths}
+    with run_node(tmp_path / "node", unknown_peers=RETRIEVERS) as node:
+        send(node, *paths)
+        target = Peer(name="NODE", ae_title=node.ae_title, host=node.host, port=node.port)
+        keys = Dataset()
+        keys.StudyInstanceUID = study
+        whole = tmp_path / "whole"
+        whole.mkdir()
+        report = scu.get(Config(ae_title="OURGET"), target, Level.STUDY, Model.STUDY_ROOT, keys,
+                         whole)  # fmt: skip
+        assert report.status == Status.SUCCESS and report.completed == 40
+        got = received(whole)
+        assert set(got) == set(by_uid)
+        assert all(dataset_bytes(got[uid]) == dataset_bytes(by_uid[uid]) for uid in got)
+        cancel = threading.Event()
+        part = tmp_path / "part"
+        part.mkdir()
+        report = scu.get(
+            Config(ae_title="OURGET"), target, Level.STUDY, Model.STUDY_ROOT, keys, part,
+            on_progress=lambda remaining, done, failed, warning: cancel.set(), cancel=cancel,
+        )  # fmt: skip
+        assert report.status == Status.CANCEL
+        assert report.completed is not None and 1 <= report.completed < 40
+        assert len(received(part)) == report.completed
+        node.wait_for_log("C-GET from OURGET cancelled")
+
+
+def test_case_sensitive_names_when_configured(tmp_path: Path) -> None:
+    with run_node(
+        tmp_path / "node", unknown_peers=RETRIEVERS, query={"case_sensitive_names": True}
+    ) as node:
+        send(node, Path(get_testdata_file("CT_small.dcm")))
+        ae = AE(ae_title="PYFIND")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.2.1.1")
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        found = {}
+        for pattern in ("compressed*", "CompressedSamples*"):
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "PATIENT"
+            identifier.PatientName = pattern
+            responses = list(assoc.send_c_find(identifier, "1.2.840.10008.5.1.4.1.2.1.1"))
+            found[pattern] = sum(1 for s, _ in responses if s.Status == Status.PENDING)
+        assoc.release()
+        ae.shutdown()
+        assert found == {"compressed*": 0, "CompressedSamples*": 1}

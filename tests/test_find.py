@@ -561,3 +561,28 @@ def test_cancel_stops_the_answers(tmp_path: Path) -> None:
         assert final == Status.CANCEL
         assert 1 <= pending < 3001
         node.wait_for_log("cancelled after")
+
+
+def test_case_sensitive_names_when_configured(tmp_path: Path) -> None:
+    with run_node(
+        tmp_path / "node", unknown_peers=QUERYING, query={"case_sensitive_names": True}
+    ) as node:
+        sent = subprocess.run(
+            [sys.executable, "-m", "dicomnode.cli", "send", node.address,
+             str(get_testdata_file("CT_small.dcm"))],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        ae = AE(ae_title="PYFIND")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.2.1.1")
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        found = {}
+        for pattern in ("compressed*", "CompressedSamples*"):
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "PATIENT"
+            identifier.PatientName = pattern
+            responses = list(assoc.send_c_find(identifier, "1.2.840.10008.5.1.4.1.2.1.1"))
+            found[pattern] = sum(1 for s, _ in responses if s.Status == Status.PENDING)
+        assoc.release()
+        ae.shutdown()
+        assert found == {"compressed*": 0, "CompressedSamples*": 1}

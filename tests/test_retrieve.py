@@ -341,7 +341,10 @@ def test_destination_refusing_the_association(tmp_path: Path) -> None:
         assert sorted(final.FailedSOPInstanceUIDList) == sorted(
             str(pydicom.dcmread(p).SOPInstanceUID) for p in paths
         )
-        node.wait_for_log("rejected the association")
+        # storescp --refuse sends A-ASSOCIATE-RJ and closes at once; pynetdicom now and then
+        # reports that as an aborted request. Either way: nothing sent, A702, the list above.
+        log = node.wait_for_log("C-MOVE to NOPE: NOPE@")
+        assert "rejected the association" in log or "aborted the association request" in log
 
 
 def test_our_get_scu_against_our_scp_with_cancel(tmp_path: Path) -> None:
@@ -373,23 +376,3 @@ def test_our_get_scu_against_our_scp_with_cancel(tmp_path: Path) -> None:
         assert report.completed is not None and 1 <= report.completed < 40
         assert len(received(part)) == report.completed
         node.wait_for_log("C-GET from OURGET cancelled")
-
-
-def test_case_sensitive_names_when_configured(tmp_path: Path) -> None:
-    with run_node(
-        tmp_path / "node", unknown_peers=RETRIEVERS, query={"case_sensitive_names": True}
-    ) as node:
-        send(node, Path(get_testdata_file("CT_small.dcm")))
-        ae = AE(ae_title="PYFIND")
-        ae.add_requested_context("1.2.840.10008.5.1.4.1.2.1.1")
-        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
-        found = {}
-        for pattern in ("compressed*", "CompressedSamples*"):
-            identifier = Dataset()
-            identifier.QueryRetrieveLevel = "PATIENT"
-            identifier.PatientName = pattern
-            responses = list(assoc.send_c_find(identifier, "1.2.840.10008.5.1.4.1.2.1.1"))
-            found[pattern] = sum(1 for s, _ in responses if s.Status == Status.PENDING)
-        assoc.release()
-        ae.shutdown()
-        assert found == {"compressed*": 0, "CompressedSamples*": 1}

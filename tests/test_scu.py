@@ -191,14 +191,22 @@ def test_refused_association_exits_unreachable_with_reason(tmp_path: Path) -> No
 
     for result in (echo, send):
         assert result.returncode == ExitCode.UNREACHABLE, result.stderr
-        # storescp --refuse answers A-ASSOCIATE-RJ: rejected permanent, service user, no reason.
-        assert "rejected the association: Rejected Permanent" in result.stderr
-        assert "source: Service User" in result.stderr
+        # storescp --refuse answers A-ASSOCIATE-RJ (rejected permanent, service user) and closes
+        # the connection at once; now and then pynetdicom sees the close before the RJ and
+        # reports an aborted request instead. Either way nothing is sent and the exit is 5.
+        rejected = (
+            "rejected the association: Rejected Permanent" in result.stderr
+            and "source: Service User" in result.stderr
+        )
+        assert rejected or "aborted the association request" in result.stderr, result.stderr
     assert summary(send) == (0, 1, refusing.address, 0, 1, 0)
-    assert failed_lines(send) == [
+    prefix = (
         f"failed: {TEST_FILES / 'CT_small.dcm'} (1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322)"
-        ": not sent: the association was rejected"
-    ]
+    )
+    assert failed_lines(send) in (
+        [f"{prefix}: not sent: the association was rejected"],
+        [f"{prefix}: not sent: the association request was aborted"],
+    )
     assert not list((tmp_path / "in").iterdir())
 
 

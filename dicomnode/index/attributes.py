@@ -116,11 +116,12 @@ def pad_time(value: str, fill: str) -> str:
     return f"{whole}.{fraction}"
 
 
-def _text(value: Any) -> str:
+def text_value(value: Any) -> str:
+    """A data element value as index text: multiple values joined by a backslash, trimmed."""
     if value is None:
         return ""
     if isinstance(value, MultiValue | list | tuple):
-        return "\\".join(_text(v) for v in value)
+        return "\\".join(text_value(v) for v in value)
     return str(value).strip()
 
 
@@ -147,5 +148,5 @@ def extract(ds: Dataset, level: Level) -> dict[str, Any]:
         if attr.level is not level or attr.computed:
             continue
         value = ds.get(attr.keyword)
-        row[attr.column] = _integer(value) if attr.kind is Kind.INTEGER else _text(value)
+        row[attr.column] = _integer(value) if attr.kind is Kind.INTEGER else text_value(value)
     return row

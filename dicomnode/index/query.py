@@ -27,7 +27,6 @@ from typing import Any
 import peewee as pw
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
 from dicomnode.index.attributes import (
     BY_KEYWORD,
@@ -38,6 +37,7 @@ from dicomnode.index.attributes import (
     fold,
     name_groups,
     pad_time,
+    text_value,
 )
 from dicomnode.index.models import Instance, Patient, PersonName, Series, Study
 from dicomnode.qr import LEVELS, Level, Model
@@ -97,7 +97,7 @@ def parse(
     # is a single value (Study Root has no patient level, so its study queries need none).
     for upper in LEVEL_ORDER[LEVEL_ORDER.index(levels[0]) : depth]:
         key = UNIQUE_KEY[upper]
-        value = _text(identifier.get(key.keyword))
+        value = text_value(identifier.get(key.keyword))
         if not value or "\\" in value or "*" in value or "?" in value:
             raise QueryError(
                 f"a {level.value} query must carry a single {key.keyword} "
@@ -106,7 +106,7 @@ def parse(
             )
     if retrieve:
         key = UNIQUE_KEY[level]
-        value = _text(identifier.get(key.keyword))
+        value = text_value(identifier.get(key.keyword))
         if not value or "*" in value or "?" in value:
             raise QueryError(
                 f"a {level.value} retrieval must name what to retrieve by {key.keyword} "
@@ -123,19 +123,11 @@ def parse(
             continue
         if elem.VR == "SQ":
             continue  # we hold no sequences: universal match
-        value = _text(elem.value)
+        value = text_value(elem.value)
         if value in ("", "*"):
             continue  # universal match (PS3.4 C.2.2.2.3)
         query.matches.append((attr, _check_value(attr, value)))
     return query
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue | list | tuple):
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
 
 
 def _check_value(attr: Attribute, value: str) -> str:
@@ -424,7 +416,7 @@ def _answer(query: Query, row: dict[str, Any], returned: dict[str, Attribute]) -
         rsp.add_new(elem.tag, vr, value)
         needs_utf8 = needs_utf8 or _non_ascii(value)
     asked = query.identifier.get("SpecificCharacterSet")
-    asked_utf8 = asked is not None and "ISO_IR 192" in _text(asked)
+    asked_utf8 = asked is not None and "ISO_IR 192" in text_value(asked)
     if needs_utf8 or asked_utf8:
         # PS3.5 6.1.2.3: UTF-8 carries every character we hold, whatever the query used.
         rsp.SpecificCharacterSet = "ISO_IR 192"

@@ -120,9 +120,8 @@ class Archive:
         """
         committed: str | None = None
         try:
-            ds = _read_and_check(temp, request)
-            new = NewInstance.from_dataset(
-                ds,
+            new = _with(
+                _read_and_check(temp, request),
                 transfer_syntax=request.transfer_syntax,
                 file_size=temp.stat().st_size,
                 received_from=request.calling_ae_title,
@@ -133,7 +132,7 @@ class Archive:
                 return self._duplicate(new, temp, existing.path)
             committed = self.storage.commit(temp)
             try:
-                self.index.add(_with_path(new, committed))
+                self.index.add(_with(new, path=committed))
             except DuplicateInstance as dup:
                 # Another association indexed the same instance between our look-up and our
                 # write: ours is the duplicate, decided like any other.
@@ -182,7 +181,7 @@ class Archive:
             else self.storage.commit(incoming)
         )
         try:
-            old = self.index.replace(_with_path(new, committed))
+            old = self.index.replace(_with(new, path=committed))
         except IndexError_:
             self.storage.remove(committed)
             raise
@@ -190,8 +189,9 @@ class Archive:
         return StoreOutcome(Status.SUCCESS, "different duplicate replaced the first copy", True)
 
 
-def _with_path(new: NewInstance, path: str) -> NewInstance:
-    return NewInstance(new.patient, new.study, new.series, {**new.instance, "path": path})
+def _with(new: NewInstance, **instance: object) -> NewInstance:
+    """``new`` with more instance-level columns."""
+    return NewInstance(new.patient, new.study, new.series, {**new.instance, **instance})
 
 
 def _same_content(a: Path, b: Path) -> bool:
@@ -220,8 +220,9 @@ _PARSE_ERRORS = (
 )
 
 
-def _read_and_check(path: Path, request: StoreRequest) -> Dataset:
-    """Parse what the index needs (never the pixel data) and check it against the request."""
+def _read_and_check(path: Path, request: StoreRequest) -> NewInstance:
+    """Parse what the index needs (never the pixel data), check it against the request, and
+    return it extracted for the index."""
     # PS3.5 9.1: a UID that is not a UID cannot name an instance we would ever give back.
     if not is_valid_uid(request.sop_instance_uid):
         raise Rejected(
@@ -236,7 +237,7 @@ def _read_and_check(path: Path, request: StoreRequest) -> Dataset:
                 start = _dataset_offset(fp)
                 check_dataset(fp, start, path.stat().st_size, request.transfer_syntax)
             # Decode every attribute the index needs now, so decoding errors surface here.
-            NewInstance.from_dataset(ds)
+            new = NewInstance.from_dataset(ds)
     except EncodingError as exc:
         raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from exc
     except _PARSE_ERRORS as exc:
@@ -244,7 +245,7 @@ def _read_and_check(path: Path, request: StoreRequest) -> Dataset:
             Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}"
         ) from exc
     _check_identity(ds, request)
-    return ds
+    return new
 
 
 def _dataset_offset(fp: BinaryIO) -> int:

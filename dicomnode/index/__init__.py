@@ -225,13 +225,20 @@ class Index:
         failure; either way nothing of this instance is written.
         """
         db = self._database()
+        uid = new.instance["sop_instance_uid"]
         try:
-            with db.connection_context(), db.atomic():
-                existing = self._record(new.instance["sop_instance_uid"])
-                if existing is not None:
-                    raise DuplicateInstance(existing)
-                series = self._series_for(new)
-                Instance.create(series=series, **new.instance)
+            with db.connection_context():
+                try:
+                    with db.atomic():
+                        series = self._series_for(new)
+                        Instance.create(series=series, **new.instance)
+                except pw.IntegrityError:
+                    # The unique SOP Instance UID refused the row (the transaction, patient to
+                    # series, rolled back): someone indexed it first. Anything else is a failure.
+                    existing = self._record(uid)
+                    if existing is None:
+                        raise
+                    raise DuplicateInstance(existing) from None
         except DuplicateInstance:
             raise
         except (pw.PeeweeException, sqlite3.Error) as exc:

@@ -10,6 +10,7 @@ from pynetdicom import AE
 
 from dicomnode import __version__
 from dicomnode.config import Config
+from dicomnode.reactor import install_reactor_hooks
 
 IMPLEMENTATION_CLASS_UID = "2.25.266543221878405816488887163786338675912"
 # PS3.7 D.3.3.2: 1-16 characters of the default repertoire.
@@ -20,6 +21,8 @@ def new_ae(config: Config) -> AE:
     """A pynetdicom AE that is us: our AE title and implementation identity, the configured
     maximum PDU size we announce (PS3.8 D.1) and ACSE/DIMSE/network timeouts. Used by the SCP
     (dicomnode.ae) and every SCU (dicomnode.scu)."""
+    # Event-driven association loops instead of pynetdicom's 1 ms polling (dicomnode.reactor).
+    install_reactor_hooks()
     limits = config.limits
     ae = AE(ae_title=config.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID

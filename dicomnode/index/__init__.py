@@ -8,9 +8,10 @@ the C-STORE response is sent.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,25 +160,10 @@ class Index:
             return self._record(sop_instance_uid)
 
     def _record(self, sop_instance_uid: str) -> InstanceRecord | None:
-        row = (
-            Instance.select(Instance, Series.series_uid, Study.study_uid)
-            .join(Series)
-            .join(Study)
-            .where(Instance.sop_instance_uid == sop_instance_uid)
-            .objects()
-            .first()
-        )
-        if row is None:
-            return None
-        return InstanceRecord(
-            sop_instance_uid=row.sop_instance_uid,
-            sop_class_uid=row.sop_class_uid,
-            transfer_syntax=row.transfer_syntax,
-            path=row.path,
-            file_size=row.file_size,
-            series_uid=row.series_uid,
-            study_uid=row.study_uid,
-        )
+        # Plain SQL on the hot C-STORE path: building this query with peewee costs more than
+        # running it.
+        row = self._database().connection().execute(_RECORD_SQL, (sop_instance_uid,)).fetchone()
+        return None if row is None else InstanceRecord(*row)
 
     def studies(self) -> Iterator[dict[str, Any]]:
         """Every study with its patient and counts, newest study date first (for ``list``)."""
@@ -230,9 +216,10 @@ class Index:
             with db.connection_context():
                 try:
                     with db.atomic():
-                        series = self._series_for(new)
-                        Instance.create(series=series, **new.instance)
-                except pw.IntegrityError:
+                        con = db.connection()
+                        series_id = _series_for(con, new)
+                        _insert(con, Instance, {**new.instance, "series_id": series_id})
+                except (pw.IntegrityError, sqlite3.IntegrityError):
                     # The unique SOP Instance UID refused the row (the transaction, patient to
                     # series, rolled back): someone indexed it first. Anything else is a failure.
                     existing = self._record(uid)
@@ -251,54 +238,112 @@ class Index:
             with db.connection_context(), db.atomic():
                 row = Instance.get(Instance.sop_instance_uid == new.instance["sop_instance_uid"])
                 old_path: str = row.path
-                series = self._series_for(new)
-                Instance.update(series=series, **new.instance).where(
+                series_id = _series_for(db.connection(), new)
+                Instance.update(series=series_id, **new.instance).where(
                     Instance.id == row.id
                 ).execute()
                 return old_path
         except (pw.PeeweeException, sqlite3.Error) as exc:
             raise IndexError_(f"index write failed: {exc}") from exc
 
-    def _series_for(self, new: NewInstance) -> Series:
-        """Find or create the patient, study and series of ``new`` (inside a transaction)."""
-        patient = Patient.get_or_none(
-            (Patient.patient_id == new.patient["patient_id"])
-            & (Patient.issuer == new.patient["issuer"])
-        )
-        if patient is None:
-            patient = Patient.create(**new.patient)
-            _add_names(patient, Level.PATIENT)
-        study = Study.get_or_none(Study.study_uid == new.study["study_uid"])
-        if study is None:
-            study = Study.create(
-                patient=patient,
-                study_datetime=study_datetime(new.study["study_date"], new.study["study_time"]),
-                **new.study,
-            )
-            _add_names(study, Level.STUDY)
-        elif study.patient_id != patient.id:
+
+# --- the C-STORE write path, in plain SQL ------------------------------------------------------
+#
+# Column and table names below come from the models, never from received data; values are bound.
+
+_RECORD_SQL = (
+    "SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, i.path, i.file_size, "
+    "s.series_uid, st.study_uid FROM instance i JOIN series s ON s.id = i.series_id "
+    "JOIN study st ON st.id = s.study_id WHERE i.sop_instance_uid = ?"
+)
+
+
+@functools.cache
+def _defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """Column defaults peewee would fill in (they are not in the table's DDL)."""
+    return {
+        field.column_name: field.default
+        for field in model._meta.sorted_fields
+        if field.default is not None and not callable(field.default)
+    }
+
+
+@functools.cache
+def _insert_sql(model: type[BaseModel], columns: tuple[str, ...]) -> str:
+    unknown = set(columns) - set(model._meta.columns)
+    if unknown:  # keys come from our attribute table; anything else is a programming error
+        raise ValueError(f"not columns of {model._meta.table_name}: {sorted(unknown)}")
+    names = ", ".join(f'"{c}"' for c in columns)
+    marks = ", ".join("?" * len(columns))
+    return f'INSERT INTO "{model._meta.table_name}" ({names}) VALUES ({marks})'  # noqa: S608
+
+
+def _insert(con: sqlite3.Connection, model: type[BaseModel], values: dict[str, Any]) -> int:
+    """Insert one row of ``model``; returns its id."""
+    row = {**_defaults(model), **values}
+    cursor = con.execute(_insert_sql(model, tuple(row)), tuple(row.values()))
+    return int(cursor.lastrowid or 0)
+
+
+def _series_for(con: sqlite3.Connection, new: NewInstance) -> int:
+    """Find or create the patient, study and series of ``new`` (inside a transaction); returns
+    the series id."""
+    p = new.patient
+    found = con.execute(
+        "SELECT id FROM patient WHERE patient_id = ? AND issuer = ?",
+        (p["patient_id"], p.get("issuer", "")),
+    ).fetchone()
+    if found is None:
+        patient_id = _insert(con, Patient, p)
+        _insert_names(con, patient_id, Level.PATIENT, p)
+    else:
+        patient_id = found[0]
+    st = new.study
+    found = con.execute(
+        "SELECT id, patient_id, modalities FROM study WHERE study_uid = ?", (st["study_uid"],)
+    ).fetchone()
+    if found is None:
+        values = {
+            **st,
+            "patient_id": patient_id,
+            "study_datetime": study_datetime(st.get("study_date", ""), st.get("study_time", "")),
+        }
+        study_id = _insert(con, Study, values)
+        modalities = ""
+        _insert_names(con, study_id, Level.STUDY, st)
+    else:
+        study_id, study_patient, modalities = found
+        if study_patient != patient_id:
             # The same Study Instance UID arrived with other patient identifiers: the study keeps
             # the patient it was first indexed under (a reconciliation issue, not ours to guess).
             log.warning("study already indexed under another patient; keeping the first patient")
-        series = Series.get_or_none(Series.series_uid == new.series["series_uid"])
-        if series is None:
-            series = Series.create(study=study, **new.series)
-        elif series.study_id != study.id:
+    se = new.series
+    found = con.execute(
+        "SELECT id, study_id, modality FROM series WHERE series_uid = ?", (se["series_uid"],)
+    ).fetchone()
+    if found is None:
+        series_id = _insert(con, Series, {**se, "study_id": study_id})
+        modality = se.get("modality", "")
+    else:
+        series_id, series_study, modality = found
+        if series_study != study_id:
             log.warning("series already indexed under another study; keeping the first study")
-        modality = series.modality
-        if modality:
-            known = [m for m in study.modalities.split("\\") if m]
-            if modality not in known:
-                study.modalities = "\\".join(sorted([*known, modality]))
-                study.save(only=[Study.modalities])
-        return series
+    if modality:
+        # ModalitiesInStudy (0008,0061), kept as series arrive.
+        known = [m for m in modalities.split("\\") if m]
+        if modality not in known:
+            con.execute(
+                "UPDATE study SET modalities = ? WHERE id = ?",
+                ("\\".join(sorted([*known, modality])), study_id),
+            )
+    return int(series_id)
 
 
-def _add_names(owner: BaseModel, level: Level) -> None:
+def _name_rows(owner: int, level: Level, values: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The person-name match keys of a new patient or study row (see models.PersonName)."""
-    rows = [
+    return [
         {
-            "owner": owner.id,
+            "owner": owner,
             "keyword": attr.keyword,
             "group": i,
             "value": group,
@@ -306,9 +351,24 @@ def _add_names(owner: BaseModel, level: Level) -> None:
         }
         for attr in PERSON_NAMES
         if attr.level is level
-        for i, group in enumerate(name_groups(getattr(owner, attr.column)))
+        for i, group in enumerate(name_groups(values.get(attr.column) or ""))
         if group
     ]
+
+
+def _insert_names(
+    con: sqlite3.Connection, owner: int, level: Level, values: Mapping[str, Any]
+) -> None:
+    for row in _name_rows(owner, level, values):
+        _insert(con, PersonName, row)
+
+
+def _add_names(owner: BaseModel, level: Level) -> None:
+    """The person-name match keys of a patient or study model row (used by migrations)."""
+    values = {
+        attr.column: getattr(owner, attr.column) for attr in PERSON_NAMES if attr.level is level
+    }
+    rows = _name_rows(owner.id, level, values)
     if rows:
         PersonName.insert_many(rows).execute()
 
@@ -326,5 +386,10 @@ def _v1_to_v2(db: PooledSqliteDatabase) -> None:
         _add_names(study, Level.STUDY)
 
 
+def _v2_to_v3(db: PooledSqliteDatabase) -> None:
+    """Index PatientBirthDate, so that a birth date (range) query does not read every study."""
+    db.execute_sql("CREATE INDEX IF NOT EXISTS patient_birth_date ON patient (birth_date)")
+
+
 # _MIGRATIONS[v - 1] takes an index from schema version v to v + 1.
-_MIGRATIONS: tuple[Callable[[PooledSqliteDatabase], None], ...] = (_v1_to_v2,)
+_MIGRATIONS: tuple[Callable[[PooledSqliteDatabase], None], ...] = (_v1_to_v2, _v2_to_v3)

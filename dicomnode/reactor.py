@@ -1,0 +1,294 @@
+"""Event-driven replacements for pynetdicom's polling loops.
+
+pynetdicom runs two threads per association and both poll: the DUL thread checks the socket with a
+zero-timeout ``select`` and sleeps 1 ms when nothing happened, and the association thread sleeps
+1 ms before every look at the DIMSE message queue. Each C-STORE crosses both loops twice (request
+in, response out), so on loopback the sleeps, not the bytes, bound the message rate.
+
+Here both loops wait on the things that can wake them instead:
+
+- the DUL thread blocks in ``select`` on its socket and a wake-up pipe, written whenever a primitive
+  is queued for it to send, an event is queued for its state machine, or it is told to stop;
+- the association thread blocks on an event set when a DIMSE message is complete, when an ACSE
+  primitive (release, abort) reaches the user, or when the DUL thread ends.
+
+Both still wake at least every ``MAX_WAIT`` seconds, so the timers pynetdicom checks by polling
+(ARTIM, the network idle timeout) behave as before. The hooks swap pynetdicom's provider classes
+in ``pynetdicom.association`` for subclasses, and its association loop for ours; pynetdicom is
+pinned to 3.0.x for that (pyproject.toml), and ``tests/test_reactor.py`` exercises the paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import select
+import ssl
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pynetdicom.association
+import pynetdicom.dul
+from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
+
+# Upper bound on any wait, so that timers checked by polling still fire on time.
+MAX_WAIT = 0.05
+
+_WAKE_ATTR = "_dicomnode_wake"
+
+
+def association_wake(assoc: Any) -> threading.Event:
+    """The event that wakes ``assoc``'s reactor thread (created on first use)."""
+    wake: threading.Event = assoc.__dict__.setdefault(_WAKE_ATTR, threading.Event())
+    return wake
+
+
+class _WakingQueue(queue.Queue[Any]):
+    """A queue that calls ``wake`` after every put."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+class _WakePipe:
+    """A self-pipe: ``set`` from any thread makes the reader's ``select`` return."""
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._pending = False
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _close_fds, self.read_fd, self._write_fd)
+
+    def set(self) -> None:
+        if self._pending or self._closed:
+            return
+        self._pending = True
+        # A full pipe already means "wake up"; a closed one means nobody is waiting any more.
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._write_fd, b"\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self.read_fd, 512):
+                pass
+        # Cleared after draining: a set() racing with this either left a byte behind (the next
+        # select returns at once) or queued its item before we go on to look at the queues.
+        self._pending = False
+
+    def close(self) -> None:
+        self._closed = True
+        self._finalizer()
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class EventDUL(DULServiceProvider):
+    """pynetdicom's DUL provider, waiting in ``select`` instead of sleeping between polls."""
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__(assoc)
+        self._wake = _WakePipe()
+        self.to_provider_queue = _WakingQueue(self._wake.set)
+        self.event_queue = _WakingQueue(self._wake.set)
+        user_wake = association_wake(assoc)
+        self.to_user_queue = _WakingQueue(user_wake.set)
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake.set()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self._wake.set()
+            if self.is_alive() and threading.current_thread() is not self:
+                self.join()
+            return True
+        return False
+
+    def _wait(self) -> None:
+        """Block until the socket is readable, a wake-up arrives, or a timer may be due."""
+        timeout = MAX_WAIT
+        if self.artim_timer._start_time is not None and self.artim_timer.timeout is not None:
+            timeout = max(0.0, min(timeout, self.artim_timer.remaining))
+        fds: list[Any] = [self._wake.read_fd]
+        transport = self.socket
+        raw = getattr(transport, "socket", None) if transport is not None else None
+        if raw is not None and getattr(transport, "_is_connected", False):
+            if isinstance(raw, ssl.SSLSocket) and raw.pending():
+                return  # decrypted bytes already buffered: select would not see them
+            if raw.fileno() >= 0:
+                fds.append(raw)
+        try:
+            readable, _, _ = select.select(fds, [], [], timeout)
+        except (OSError, ValueError):
+            # The socket was closed under us: the transport check in the loop reports it.
+            return
+        if self._wake.read_fd in readable:
+            self._wake.drain()
+
+    def run_reactor(self) -> None:
+        """pynetdicom's DUL loop (dul.py, 3.0.x) with ``_wait`` in place of the fixed sleep."""
+        try:
+            self._run()
+        finally:
+            self._wake.close()
+            association_wake(self.assoc).set()
+
+    def _run(self) -> None:
+        self._idle_timer.start()
+        idle = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+            if idle:
+                self._wait()
+            if self._kill_thread:
+                break
+            # The ARTIM timer first, so that its event is queued ahead of any other this turn.
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                # Either encode and send one primitive, or receive and decode one PDU.
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception:
+                self._abort_on_exception()
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            self.state_machine.do_action(event)
+            idle = False
+
+    def _abort_on_exception(self) -> None:
+        # As pynetdicom does: bypass the state machine, send A-ABORT, stop both threads.
+        from pynetdicom.pdu import A_ABORT_RQ
+
+        pynetdicom.dul.LOGGER.exception("Exception in the DUL loop, aborting the association")
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        with contextlib.suppress(Exception):
+            self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
+
+class EventDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, waking the association thread when a message is complete."""
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__(assoc)
+        self.msg_queue = _WakingQueue(association_wake(assoc).set)
+
+
+def _run_association_reactor(self: Any) -> None:
+    """pynetdicom's acceptor/requestor loop (association.py ``_run_reactor``, 3.0.x), waiting on
+    ``association_wake`` instead of sleeping 1 ms per turn.
+
+    While it waits it counts as paused, so that a thread sending on this association (a C-STORE
+    sub-operation, a release) need not wait for a turn of the loop to take over the queues.
+    """
+    wake = association_wake(self)
+    served = False
+    while not self._kill:
+        self._is_paused = True
+        if not served:
+            wake.wait(MAX_WAIT)
+        wake.clear()
+        # A sender (pynetdicom's send_* methods) clears the checkpoint, then waits until we are
+        # paused, then owns the DIMSE queues until it sets the checkpoint again. We unpause,
+        # then look at the checkpoint once more: either we see its clear (and pause again), or
+        # it sees us unpaused (and waits for our next turn). Without the second look, a sender
+        # that cleared the checkpoint just as we passed it would find us still "paused", and we
+        # would take its response off the queue.
+        while True:
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            if self._reactor_checkpoint.is_set():
+                break
+            self._is_paused = True
+        served = False
+
+        context_id, msg = self.dimse.get_msg(block=False)
+        if msg:
+            self._serve_request(msg, context_id)
+            # Another message may have completed meanwhile with its wake already consumed.
+            served = True
+
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            pynetdicom.association.LOGGER.info("Association Released")
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return
+
+        if self.acse.is_aborted():
+            log_msg = "Association Aborted"
+            if self.acse.is_aborted("a-p-abort"):
+                log_msg += " (A-P-ABORT)"
+            pynetdicom.association.LOGGER.info(log_msg)
+            self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires for subscribers
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return
+
+        if not self.dul.is_alive():
+            self.kill()
+            return
+
+        if self.dul.idle_timer_expired():
+            pynetdicom.association.LOGGER.error("Network timeout reached")
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return
+
+
+_installed = False
+
+
+def install_reactor_hooks() -> None:
+    """Make pynetdicom's DUL and association loops wait on events instead of polling.
+
+    Affects associations created afterwards, in both directions (our SCP and our SCUs).
+    """
+    global _installed
+    if _installed:
+        return
+    pynetdicom.association.DULServiceProvider = EventDUL  # type: ignore[attr-defined]
+    pynetdicom.association.DIMSEServiceProvider = EventDIMSE  # type: ignore[attr-defined]
+    pynetdicom.association.Association._run_reactor = _run_association_reactor  # type: ignore[method-assign]
+    _installed = True

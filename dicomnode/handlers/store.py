@@ -53,13 +53,14 @@ def handle_store(event: Event, node: Node) -> Status:
     if outcome.status != Status.SUCCESS:
         return _failed(event, node, outcome.status, outcome.reason)
     node.count(event.assoc, "stored")
-    log.debug(
-        "stored %s %s from %s%s",
-        uid_name(sop_class),
-        sop_instance,
-        calling,
-        f" ({outcome.reason})" if outcome.reason else "",
-    )
+    if log.isEnabledFor(logging.DEBUG):  # uid_name looks the UID up: not for every instance
+        log.debug(
+            "stored %s %s from %s%s",
+            uid_name(sop_class),
+            sop_instance,
+            calling,
+            f" ({outcome.reason})" if outcome.reason else "",
+        )
     return outcome.status
 
 

@@ -10,6 +10,7 @@ from pynetdicom import AE
 
 from dicomnode import __version__
 from dicomnode.config import Config
+from dicomnode.dimse_codec import install_codec_hooks
 from dicomnode.reactor import install_reactor_hooks
 
 IMPLEMENTATION_CLASS_UID = "2.25.266543221878405816488887163786338675912"
@@ -23,6 +24,7 @@ def new_ae(config: Config) -> AE:
     (dicomnode.ae) and every SCU (dicomnode.scu)."""
     # Event-driven association loops instead of pynetdicom's 1 ms polling (dicomnode.reactor).
     install_reactor_hooks()
+    install_codec_hooks()  # command sets encoded without pydicom (dicomnode.dimse_codec)
     limits = config.limits
     ae = AE(ae_title=config.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import socket
+import ssl
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
+from io import BytesIO, FileIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -26,7 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, association
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
@@ -34,6 +38,7 @@ from pynetdicom.status import QR_GET_SERVICE_CLASS_STATUS, QR_MOVE_SERVICE_CLASS
 
 from dicomnode import scu, transcode
 from dicomnode.config import Peer
+from dicomnode.dimse_codec import command_set
 from dicomnode.index.query import QueryError, StoredInstance
 from dicomnode.policy import uid_name
 from dicomnode.qr import Operation, model_of
@@ -47,6 +52,18 @@ log = logging.getLogger(__name__)
 # PS3.7 9.3.2.2: the sub-operation counts are US, so one retrieval is at most 65535 instances.
 MAX_SUBOPERATIONS = 0xFFFF
 _UNCOMPRESSED_LE = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+# Largest data set fragment we send (a peer may announce a huge or unlimited maximum PDU length,
+# PS3.8 D.1; shorter PDUs are always allowed), so the read buffer stays small however large the
+# instance.
+_MAX_FRAGMENT = 1024 * 1024
+# How long one wait for a response blocks before checking that the association is still alive.
+_WAIT_SLICE = 0.5
+_PENDING = 0xFF00
+_NO_DATA_SET, _DATA_SET = 0x0101, 0x0001
+_MEDIUM_PRIORITY = 0x0002
+_C_STORE_RQ = 0x0001
+_RSP_FIELD = {True: 0x8021, False: 0x8010}  # C-MOVE-RSP, C-GET-RSP
+_PDU_HEADER = struct.Struct(">BBIIBB")  # P-DATA-TF with one PDV item (PS3.8 9.3.5, E.2)
 
 
 @dataclass
@@ -113,6 +130,8 @@ class _Retrieval:
         self.service.statuses = (
             QR_MOVE_SERVICE_CLASS_STATUS if move else QR_GET_SERVICE_CLASS_STATUS
         )
+        # Pending responses (and, for C-GET, the sub-operations) go straight to the socket.
+        self.wire = _Wire.of(self.assoc)
 
     # --- the protocol ----------------------------------------------------------------------
 
@@ -267,6 +286,9 @@ class _Retrieval:
     def _respond(
         self, status: Status, tally: Tally | None, *, with_failures: bool, remaining: bool = False
     ) -> None:
+        if status == Status.PENDING and tally is not None and self.wire is not None:
+            self._pending(tally, self.wire)
+            return
         rsp = C_MOVE() if self.move else C_GET()
         rsp.MessageIDBeingRespondedTo = self.req.MessageID
         rsp.AffectedSOPClassUID = self.req.AffectedSOPClassUID
@@ -286,6 +308,27 @@ class _Retrieval:
                 rsp.Identifier = BytesIO(cast(bytes, encoded))
         if self.assoc.is_established:
             self.service.dimse.send_msg(rsp, int(self.context.context_id or 0))
+
+    def _pending(self, tally: Tally, wire: _Wire) -> None:
+        """A pending response (PS3.4 C.4.2.1.4), encoded as pynetdicom would and written at once."""
+        command = command_set(
+            {
+                "AffectedSOPClassUID": str(self.req.AffectedSOPClassUID or "") or None,
+                "CommandField": _RSP_FIELD[self.move],
+                "MessageIDBeingRespondedTo": self.msg_id,
+                "CommandDataSetType": _NO_DATA_SET,
+                "Status": _PENDING,
+                "NumberOfRemainingSuboperations": tally.remaining,
+                "NumberOfCompletedSuboperations": tally.completed,
+                "NumberOfFailedSuboperations": tally.failed,
+                "NumberOfWarningSuboperations": tally.warning,
+            }
+        )
+        try:
+            wire.send(int(self.context.context_id or 0), command)
+        except OSError as exc:
+            log.warning("%s from %s: pending response not sent: %s", self.name, self.calling, exc)
+            self.wire = None
 
 
 # --- sending -----------------------------------------------------------------------------------
@@ -308,10 +351,20 @@ class _Sender:
         """Release what the sender opened."""
 
     def send_one(
-        self, assoc: Association, accepted: dict[str, list[str]], item: StoredInstance, msg_id: int
+        self,
+        assoc: Association,
+        accepted: dict[str, list[str]],
+        item: StoredInstance,
+        msg_id: int,
+        wire: _Wire | None = None,
+        contexts: dict[tuple[str, str], int] | None = None,
     ) -> Sent:
         """C-STORE one instance: as stored when the peer accepted its syntax, else transcoded
-        into one it accepted (never into a lossy one), else a failure saying why."""
+        into one it accepted (never into a lossy one), else a failure saying why.
+
+        With a ``wire`` the file is streamed straight from disk to the socket (the context for
+        its stored syntax taken from ``contexts``); otherwise, and for anything that needs
+        converting, pynetdicom's ``send_c_store`` sends it."""
         try:
             path = self.archive.path_of(item)
         except OSError as exc:
@@ -325,6 +378,12 @@ class _Sender:
                 f"the destination accepts {uid_name(item.sop_class_uid)} in {offered}; stored "
                 f"as {uid_name(item.transfer_syntax)} and no lossless conversion fits",
             )
+        if target == item.transfer_syntax and wire is not None and contexts is not None:
+            context_id = contexts.get((item.sop_class_uid, target))
+            if context_id is not None:
+                sent = self._stream(assoc, wire, context_id, path, item, msg_id)
+                if sent is not None:
+                    return sent
         what: Path | Dataset = path
         note = ""
         try:
@@ -355,6 +414,167 @@ class _Sender:
     def originator(self) -> str | None:
         return None
 
+    _originator_ae: str | None = None
+
+    def originator_ae(self) -> str | None:
+        """The Move Originator AE title as pynetdicom's C-STORE primitive normalises it."""
+        if self._originator_ae is None and self.originator() is not None:
+            probe = C_STORE()
+            probe.MoveOriginatorApplicationEntityTitle = self.originator()
+            self._originator_ae = probe.MoveOriginatorApplicationEntityTitle
+        return self._originator_ae
+
+    def _stream(
+        self,
+        assoc: Association,
+        wire: _Wire,
+        context_id: int,
+        path: Path,
+        item: StoredInstance,
+        msg_id: int,
+    ) -> Sent | None:
+        """C-STORE ``path`` as stored, written from the file to the socket in PDU-sized reads;
+        None when the file needs pynetdicom's path (not our File Meta layout, odd length)."""
+        try:
+            fp = path.open("rb", buffering=0)
+        except OSError as exc:
+            return Sent(None, f"stored file unavailable: {exc}")
+        with fp:
+            try:
+                span = _data_set_span(fp)
+            except OSError as exc:
+                return Sent(None, f"stored file unavailable: {exc}")
+            if span is None:
+                return None
+            offset, length = span
+            if length % 2:
+                # PS3.5 7.1: encoded lengths are even; an odd deflate stream is re-encoded and
+                # padded by pynetdicom rather than streamed as it is.
+                return None
+            originator = self.originator_ae()
+            command = command_set(
+                {
+                    "AffectedSOPClassUID": item.sop_class_uid,
+                    "CommandField": _C_STORE_RQ,
+                    "MessageID": msg_id,
+                    "Priority": _MEDIUM_PRIORITY,
+                    "CommandDataSetType": _DATA_SET,
+                    "AffectedSOPInstanceUID": item.sop_instance_uid,
+                    "MoveOriginatorApplicationEntityTitle": originator,
+                    "MoveOriginatorMessageID": self.retrieval.msg_id if originator else None,
+                }
+            )
+            try:
+                fp.seek(offset)
+                wire.send(context_id, command, fp, length)
+            except OSError as exc:
+                # Part of a message may be on the wire: the association can carry no more.
+                return Sent(None, f"C-STORE interrupted: {exc}", lost=True)
+        rsp = _await_response(assoc)
+        if rsp is None:
+            if assoc.is_established:
+                assoc.abort()
+            return Sent(None, "no C-STORE response (association aborted or timed out)", lost=True)
+        if (
+            not isinstance(rsp, C_STORE)
+            or rsp.Status is None
+            or rsp.MessageIDBeingRespondedTo != msg_id
+        ):
+            return Sent(None, f"unexpected {type(rsp).__name__} instead of the C-STORE response")
+        return Sent(int(rsp.Status))
+
+
+class _Wire:
+    """Whole DIMSE messages written by the calling thread straight to an association's socket.
+
+    pynetdicom passes every PDU through a queue to its DUL thread, which encodes it (a copy)
+    and sends it: for a stored instance that is dozens of thread hand-offs and copies. During a
+    retrieval its thread is the only one sending on the associations it uses, and every message
+    is wholly on the socket (``sendall`` returned) before anything else is queued to pynetdicom,
+    so PDUs of two messages never interleave. Reading still goes through pynetdicom's DUL thread.
+    TLS sockets are left to pynetdicom (their SSL object belongs to the DUL thread).
+    """
+
+    def __init__(self, sock: socket.socket, max_pdu: int) -> None:
+        self.sock = sock
+        self.fragment = min(max_pdu - 6, _MAX_FRAGMENT) if max_pdu > 6 else _MAX_FRAGMENT
+        self.buffer = bytearray(12 + self.fragment)
+        self.view = memoryview(self.buffer)
+
+    @classmethod
+    def of(cls, assoc: Association) -> _Wire | None:
+        transport = getattr(assoc.dul, "socket", None)
+        sock = getattr(transport, "socket", None)
+        if type(sock) is not socket.socket or isinstance(sock, ssl.SSLSocket):
+            return None
+        if not assoc.is_established:
+            return None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            return None
+        return cls(sock, int(assoc.dimse.maximum_pdu_size or 0))
+
+    def send(
+        self, context_id: int, command: bytes, fp: FileIO | None = None, length: int = 0
+    ) -> None:
+        """The command set, then ``length`` bytes of data set read from ``fp`` (PS3.8 E.2:
+        control header bit 0 command/data, bit 1 last fragment)."""
+        fragment, sendall = self.fragment, self.sock.sendall
+        for start in range(0, len(command), fragment):
+            chunk = command[start : start + fragment]
+            last = start + fragment >= len(command)
+            n = len(chunk)
+            sendall(_PDU_HEADER.pack(4, 0, n + 6, n + 2, context_id, 3 if last else 1) + chunk)
+        if fp is None:
+            return
+        buffer, view, readinto = self.buffer, self.view, fp.readinto
+        left = length
+        while True:
+            n = min(fragment, left)
+            got = 0
+            while got < n:
+                read = readinto(view[12 + got : 12 + n])
+                if not read:
+                    raise OSError(f"stored file ended {left - got} bytes early")
+                got += read
+            left -= n
+            _PDU_HEADER.pack_into(buffer, 0, 4, 0, n + 6, n + 2, context_id, 0 if left else 2)
+            sendall(view[: 12 + n])
+            if not left:
+                return
+
+
+def _data_set_span(fp: FileIO) -> tuple[int, int] | None:
+    """(offset, length) of the data set in a stored file with our File Meta (group length at
+    offset 140, PS3.10 7.1), or None for any other layout."""
+    head = fp.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    offset = 144 + int(struct.unpack_from("<I", head, 140)[0])
+    size = os.fstat(fp.fileno()).st_size
+    if offset > size:
+        return None
+    return offset, size - offset
+
+
+def _await_response(assoc: Association) -> Any:
+    """The next DIMSE message on ``assoc`` (the response), or None when the association ends
+    or none comes within the DIMSE timeout."""
+    dimse = assoc.dimse
+    timeout = dimse.dimse_timeout
+    deadline = None if timeout is None else time.monotonic() + float(timeout)
+    while True:
+        try:
+            _, rsp = dimse.msg_queue.get(timeout=_WAIT_SLICE)
+            return rsp
+        except queue.Empty:
+            pass
+        if assoc.is_aborted or not assoc.is_established or not assoc.dul.is_alive():
+            return None
+        if deadline is not None and time.monotonic() > deadline:
+            return None
+
 
 def _odd_length(path: Path) -> bool:
     """Whether a stored file's data set has an odd length (our File Meta starts with its group
@@ -373,6 +593,17 @@ def _accepted(assoc: Association, as_scu_only: bool) -> dict[str, list[str]]:
             continue
         accepted.setdefault(str(cx.abstract_syntax), []).append(str(cx.transfer_syntax[0]))
     return accepted
+
+
+def _context_ids(assoc: Association, as_scu_only: bool) -> dict[tuple[str, str], int]:
+    """Accepted presentation context IDs by (SOP class, transfer syntax) on ``assoc``."""
+    found: dict[tuple[str, str], int] = {}
+    for cx in assoc.accepted_contexts:
+        if as_scu_only and not cx.as_scu:
+            continue
+        key = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        found.setdefault(key, int(cx.context_id or 0))
+    return found
 
 
 class _MoveSender(_Sender):
@@ -402,6 +633,14 @@ class _MoveSender(_Sender):
                 continue
             self.associations += 1
             accepted = _accepted(assoc, as_scu_only=False)
+            context_ids = _context_ids(assoc, as_scu_only=False)
+            wire = _Wire.of(assoc)
+            if wire is not None:
+                # The association's own thread must leave the responses to us (as pynetdicom's
+                # send_c_store makes it): paused until the batch is done.
+                assoc._reactor_checkpoint.clear()
+                while not assoc._is_paused and assoc.is_established:
+                    time.sleep(0.0001)
             lost = ""
             try:
                 for msg_id, item in enumerate(batch, start=1):
@@ -410,11 +649,14 @@ class _MoveSender(_Sender):
                         continue
                     if cancelled():
                         return
-                    sent = self.send_one(assoc, accepted, item, msg_id % 0xFFFF or 1)
+                    sent = self.send_one(
+                        assoc, accepted, item, msg_id % 0xFFFF or 1, wire, context_ids
+                    )
                     if sent.lost:
                         lost = f"not sent: the association to {self.destination.name} was lost"
                     yield item, sent
             finally:
+                assoc._reactor_checkpoint.set()
                 if assoc.is_established:
                     if lost:
                         assoc.abort()
@@ -430,6 +672,7 @@ class _GetSender(_Sender):
     ) -> Iterator[tuple[StoredInstance, Sent]]:
         assoc = self.retrieval.assoc
         accepted = _accepted(assoc, as_scu_only=True)
+        contexts = _context_ids(assoc, as_scu_only=True)
         lost = ""
         for msg_id, item in enumerate(items, start=1):
             if lost:
@@ -438,7 +681,12 @@ class _GetSender(_Sender):
             if cancelled():
                 return
             sent = self.send_one(
-                assoc, accepted, item, (self.retrieval.msg_id + msg_id) % 0xFFFF or 1
+                assoc,
+                accepted,
+                item,
+                (self.retrieval.msg_id + msg_id) % 0xFFFF or 1,
+                self.retrieval.wire,
+                contexts,
             )
             if sent.lost:
                 lost = "not sent: the association was lost"

@@ -384,6 +384,53 @@ def test_combined_date_time_range(loaded: tuple[RunningNode, Held]) -> None:
     assert uids(answers) == expected and target.StudyInstanceUID in expected
 
 
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"PatientName": "doe*", "StudyDate": "19950101-"},
+        {"PatientName": "d*", "StudyDate": "20010101-20010101"},
+        {"PatientName": "doe^peter", "AccessionNumber": "2"},
+        {"PatientID": "9889*", "StudyDate": "20030101-", "AccessionNumber": "1*"},
+        {"PatientID": "7765403?", "PatientName": "*ARCH*", "StudyDate": "-20301231"},
+        {"AccessionNumber": "2", "StudyDate": "20010101"},
+        {"PatientName": "*", "StudyDate": "19000101-", "PatientID": "*"},
+        {"StudyDate": "20010101", "SOPClassesInStudy": "1.2.840.10008.5.1.4.1.1.1"},
+        {"PatientName": "doe*", "SOPClassesInStudy": "1.2.840.10008.5.1.4.1.1.4"},
+        {"PatientName": "zz*", "StudyDate": "19950101-"},
+    ],
+)
+def test_several_keys_match_together(
+    loaded: tuple[RunningNode, Held], keys: dict[str, str]
+) -> None:
+    """With several indexed keys the narrowest drives the SQL and the others are checked on its
+    rows (dicomnode.index.query._where): the matches are still exactly those of every key."""
+    node, held = loaded
+
+    def matches(ds: Dataset, keyword: str, value: str) -> bool:
+        if keyword == "StudyDate":
+            low, dash, high = value.partition("-")
+            date = str(ds.get("StudyDate", "") or "")
+            return bool(date) and (low or "0") <= date <= ((high or "9") if dash else low)
+        if keyword == "SOPClassesInStudy":
+            return any(
+                str(other.SOPClassUID) == value
+                for other in held.datasets
+                if other.StudyInstanceUID == ds.StudyInstanceUID
+            )
+        return value == "*" or _matches(ds, keyword, value)
+
+    expected = {
+        str(ds.StudyInstanceUID)
+        for ds in held.datasets
+        if all(matches(ds, k, v) for k, v in keys.items())
+    }
+    answers, final = find(
+        node, STUDY_ROOT, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "", **keys}
+    )
+    assert final == Status.SUCCESS
+    assert uids(answers) == expected
+
+
 def test_special_characters_are_literal(loaded: tuple[RunningNode, Held], tmp_path: Path) -> None:
     """% _ ' \\ and [ in a query are literal characters; only * and ? are wildcards."""
     node, _ = loaded

@@ -1,11 +1,13 @@
-"""An index written at schema version 1 is upgraded in place when the node opens it: the v2 keys
-are filled from what it already holds, and queries answer as for a fresh index."""
+"""An index written at an older schema version is upgraded in place when the node opens it: the
+v2 keys are filled from what it already holds, v3 adds the PatientBirthDate index, and queries
+answer as for a fresh index."""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 
+import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -23,6 +25,7 @@ def downgrade_to_v1(database: Path) -> None:
     con = sqlite3.connect(database)
     con.executescript(
         """
+        DROP INDEX patient_birth_date;
         DROP TABLE person_name;
         DROP INDEX study_study_datetime;
         ALTER TABLE study DROP COLUMN study_datetime;
@@ -40,7 +43,7 @@ def test_v1_index_is_migrated_and_queryable(tmp_path: Path) -> None:
         assert store_file(assoc, Path(get_testdata_file("CT_small.dcm"))) == Status.SUCCESS
     downgrade_to_v1(root / "index.sqlite")
     with run_node(root, **settings) as node:
-        assert "at schema version 2 (was 1)" in node.log()
+        assert f"at schema version {SCHEMA_VERSION} (was 1)" in node.log()
         assert node.rows("PRAGMA user_version")[0][0] == SCHEMA_VERSION
         (study,) = node.rows("SELECT study_datetime FROM study")
         assert study["study_datetime"].startswith("20040119")
@@ -55,6 +58,46 @@ def test_v1_index_is_migrated_and_queryable(tmp_path: Path) -> None:
         identifier.QueryRetrieveLevel = "STUDY"
         identifier.PatientName = "COMPRESSED*"
         identifier.StudyDate = "20040101-20041231"
+        results = list(assoc.send_c_find(identifier, STUDY_ROOT))
+        assoc.release()
+        ae.shutdown()
+        statuses = [int(status.Status) for status, _ in results]
+        assert statuses == [Status.PENDING, Status.SUCCESS]
+
+
+def downgrade_to_v2(database: Path) -> None:
+    """Turn a current index back into exactly the version 2 schema."""
+    con = sqlite3.connect(database)
+    con.executescript("DROP INDEX patient_birth_date; PRAGMA user_version = 2;")
+    con.close()
+
+
+def test_v2_index_gets_the_birth_date_index(tmp_path: Path) -> None:
+    root = tmp_path / "node"
+    settings = {"unknown_peers": ["echo", "store", "find"]}
+    ct = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])]
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientBirthDate = "19700115"
+    ds.save_as(tmp_path / "born.dcm", enforce_file_format=True)
+    with run_node(root, **settings) as node, associate(node, ct) as assoc:
+        assert store_file(assoc, tmp_path / "born.dcm") == Status.SUCCESS
+    downgrade_to_v2(root / "index.sqlite")
+    with run_node(root, **settings) as node:
+        assert f"at schema version {SCHEMA_VERSION} (was 2)" in node.log()
+        assert node.rows("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
+        indexes = {r["name"] for r in node.rows("PRAGMA index_list(patient)")}
+        assert "patient_birth_date" in indexes
+        (plan,) = node.rows(
+            "EXPLAIN QUERY PLAN SELECT id FROM patient WHERE birth_date BETWEEN ? AND ?", "1", "2"
+        )
+        assert "patient_birth_date" in plan["detail"]
+        ae = AE(ae_title="PYFIND")
+        ae.add_requested_context(STUDY_ROOT)
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.PatientBirthDate = "19700101-19700131"
+        identifier.StudyInstanceUID = ""
         results = list(assoc.send_c_find(identifier, STUDY_ROOT))
         assoc.release()
         ae.shutdown()

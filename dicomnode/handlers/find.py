@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.events import Event
 
 from dicomnode.archive import TooManyMatches
-from dicomnode.index.query import QueryError
+from dicomnode.index.query import QueryError, for_transfer_syntax
 from dicomnode.policy import uid_name
 from dicomnode.qr import Operation, model_of
 from dicomnode.status import Status, describe
@@ -32,6 +33,10 @@ def handle_find(event: Event, node: Node) -> Iterator[Response]:
     if model is None:
         yield _failed(calling, Status.SOP_CLASS_NOT_SUPPORTED, f"{uid_name(sop_class)} model")
         return
+    # The answers are written in the negotiated transfer syntax: say so, so that encoding them
+    # copies their already encoded values (query.for_transfer_syntax).
+    syntax = UID(event.context.transfer_syntax)
+    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
     matched = 0
     try:
         for answer in node.archive.find(model, event.identifier):
@@ -41,7 +46,7 @@ def handle_find(event: Event, node: Node) -> Iterator[Response]:
                 yield Status.CANCEL, None
                 return
             matched += 1
-            yield Status.PENDING, answer
+            yield Status.PENDING, for_transfer_syntax(answer, implicit, little)
     except QueryError as exc:
         status = (
             Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS

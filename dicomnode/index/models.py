@@ -9,7 +9,8 @@ from __future__ import annotations
 import peewee as pw
 
 # 1: the hierarchy. 2: person_name keys and study.study_datetime, for C-FIND matching.
-SCHEMA_VERSION = 2
+# 3: an index on patient.birth_date (PatientBirthDate ranges without a scan).
+SCHEMA_VERSION = 3
 
 
 class BaseModel(pw.Model):
@@ -25,7 +26,7 @@ class Patient(BaseModel):
     patient_id = pw.TextField()
     issuer = pw.TextField(default="")
     patient_name = pw.TextField(default="")
-    birth_date = pw.TextField(default="")
+    birth_date = pw.TextField(default="", index=True)
     sex = pw.TextField(default="")
 
     class Meta:

@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import peewee as pw
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
 
 from dicomnode.index.attributes import (
     BY_KEYWORD,
@@ -71,6 +74,8 @@ class Query:
     identifier: Dataset
     matches: list[tuple[Attribute, Any]] = field(default_factory=list)
     case_sensitive_names: bool = False
+    # The match that drives the SQL (see _where), once chosen; -1 until then, None for none.
+    driver: int | None = -1
 
 
 def parse(
@@ -177,21 +182,26 @@ def _range(attr: Attribute, value: str) -> tuple[str, str]:
     return lo, hi
 
 
-def _column(attr: Attribute) -> Any:
-    return getattr(_TABLE[attr.level], attr.column)
+def _column(attr: Attribute, indexed: bool = True) -> Any:
+    column = getattr(_TABLE[attr.level], attr.column)
+    # SQLite uses no index for ``+column`` (the unary plus is otherwise a no-op).
+    return column if indexed else pw.NodeList((pw.SQL("+"), column), glue="")
 
 
-def _condition(query: Query, attr: Attribute, value: str) -> Any:
+def _condition(query: Query, attr: Attribute, value: str, indexed: bool = True) -> Any:
+    """The SQL condition of one match. ``indexed=False`` writes it so that SQLite cannot drive
+    the query from it (a unary ``+`` on the column, a correlated EXISTS for names): it is then
+    checked on the rows another, more selective key found (see :func:`_where`)."""
     kind = attr.kind
     if kind is Kind.UID:
         uids = value.split("\\")
         column = _column(attr)
         return column == uids[0] if len(uids) == 1 else column.in_(uids)
     if kind is Kind.PERSON_NAME:
-        return _name_condition(query, attr, value)
+        return _name_condition(query, attr, value, indexed)
     if kind is Kind.DATE:
         low, high = _range(attr, value)
-        return _column(attr).between(low, high)
+        return _column(attr, indexed).between(low, high)
     if kind is Kind.TIME:
         low, high = _range(attr, value)
         # Times compare in the normalised date-time; the date part is any date.
@@ -203,14 +213,18 @@ def _condition(query: Query, attr: Attribute, value: str) -> Any:
         wrapped = pw.fn.printf("\\%s\\", Study.modalities)
         return _any(_glob(wrapped, f"*\\{m}\\*") for m in value.split("\\"))
     if kind is Kind.UID_LIST:
-        return Study.id.in_(
-            Series.select(Series.study)
-            .join(Instance)
-            .where(Instance.sop_class_uid.in_(value.split("\\")))
+        # Checked per candidate study through its series and instances (indexed joins); an
+        # IN over every instance of that SOP class would read the whole instance table.
+        SeriesQ, InstanceQ = Series.alias("sc"), Instance.alias("ic")
+        return pw.fn.EXISTS(
+            InstanceQ.select(pw.SQL("1"))
+            .join(SeriesQ, on=InstanceQ.series == SeriesQ.id)
+            .where((SeriesQ.study == Study.id) & InstanceQ.sop_class_uid.in_(value.split("\\")))
         )
     if kind is Kind.COUNT:
         return _count(attr) == int(value)
-    return _column(attr) == value if not _has_wildcard(value) else _glob(_column(attr), value)
+    column = _column(attr, indexed)
+    return column == value if not _has_wildcard(value) else _glob(column, value)
 
 
 def _has_wildcard(value: str) -> bool:
@@ -221,11 +235,29 @@ def _glob(column: Any, value: str) -> Any:
     return pw.Expression(column, "GLOB", glob_pattern(value))
 
 
-def _name_condition(query: Query, attr: Attribute, value: str) -> Any:
-    """Person names per component group, through the person_name keys (see models.PersonName)."""
+def _name_condition(query: Query, attr: Attribute, value: str, indexed: bool = True) -> Any:
+    """Person names per component group, through the person_name keys (see models.PersonName):
+    ``owner IN (names matching)`` when the names drive the query, else a correlated EXISTS on
+    the candidate's own names (index person_name(keyword, owner))."""
     owner = Patient.id if attr.level is Level.PATIENT else Study.id
+    conditions: list[Any] = []
+    for sub in _name_keys(query, attr, value, indexed):
+        if indexed:
+            conditions.append(owner.in_(sub))
+        else:
+            conditions.append(pw.fn.EXISTS(sub.where(PersonName.owner == owner)))
+    return _all(conditions)
+
+
+def _name_keys(query: Query, attr: Attribute, value: str, indexed: bool = True) -> list[Any]:
+    """One select of matching person_name owners per component group the value constrains;
+    ``indexed=False`` keeps SQLite off the (keyword, folded) index, for a correlated look-up by
+    owner instead."""
     groups = name_groups(value)
-    conditions = []
+    folded_column = (
+        PersonName.folded if indexed else pw.NodeList((pw.SQL("+"), PersonName.folded), glue="")
+    )
+    subs = []
     for index, group in enumerate(groups):
         if not group or (len(groups) > 1 and group == "*"):
             continue
@@ -234,9 +266,7 @@ def _name_condition(query: Query, attr: Attribute, value: str) -> Any:
         if len(groups) > 1:  # a query with "=" matches group by group
             sub = sub.where(PersonName.group == index)
         sub = sub.where(
-            _glob(PersonName.folded, folded)
-            if _has_wildcard(folded)
-            else PersonName.folded == folded
+            _glob(folded_column, folded) if _has_wildcard(folded) else folded_column == folded
         )
         if query.case_sensitive_names:
             sub = sub.where(
@@ -244,8 +274,61 @@ def _name_condition(query: Query, attr: Attribute, value: str) -> Any:
                 if _has_wildcard(group)
                 else PersonName.value == group
             )
-        conditions.append(owner.in_(sub))
-    return _all(conditions)
+        subs.append(sub)
+    return subs
+
+
+# --- choosing the driving key ------------------------------------------------------------------
+
+# Columns with an index whose leading column they are (models.py): a match on one of them can
+# drive the query. UIDs are unique and always drive; person names go through person_name.
+_INDEXED = frozenset({"patient_id", "birth_date", "study_date", "accession_number", "modality"})
+# How far a probe counts the index entries of one key before it stops: past this, a key is
+# "broad" and any narrower key drives.
+PROBE_LIMIT = 256
+
+
+def _can_drive(attr: Attribute, value: str) -> bool:
+    if attr.kind is Kind.PERSON_NAME:
+        return any(not g.startswith(("*", "?")) for g in name_groups(value) if g)
+    if attr.kind is Kind.DATE:
+        return attr.column in _INDEXED
+    if attr.kind is Kind.TEXT:
+        return attr.column in _INDEXED and not value.startswith(("*", "?"))
+    return False
+
+
+def _probe(query: Query, attr: Attribute, value: str) -> int:
+    """How many index entries match ``attr`` (up to PROBE_LIMIT): a bounded index range count."""
+    if attr.kind is Kind.PERSON_NAME:
+        subs = _name_keys(query, attr, value)
+        return min(int(sub.limit(PROBE_LIMIT).count()) for sub in subs) if subs else PROBE_LIMIT
+    table = _TABLE[attr.level]
+    sub = table.select(pw.SQL("1")).where(_condition(query, attr, value)).limit(PROBE_LIMIT)
+    return int(sub.count())
+
+
+def _where(query: Query) -> Any:
+    """The WHERE condition of ``query``, written so that SQLite drives from the most selective
+    indexed key.
+
+    Without statistics SQLite guesses how many rows a range or an ``IN (names)`` yields, and may
+    walk a broad one (``PatientName=B*``: every twentieth patient) while a narrow one (a three-day
+    StudyDate range) sits beside it. When two or more non-unique indexed keys are given, each is
+    probed (a count of its index entries, stopping at PROBE_LIMIT); the narrowest drives and the
+    others are written so that no index serves them. With a UID key SQLite already starts there.
+    """
+    if query.driver == -1:
+        query.driver = None
+        has_uid = any(attr.kind is Kind.UID for attr, _ in query.matches)
+        candidates = [i for i, (attr, value) in enumerate(query.matches) if _can_drive(attr, value)]
+        if not has_uid and len(candidates) > 1:
+            counts = {i: _probe(query, *query.matches[i]) for i in candidates}
+            query.driver = min(candidates, key=lambda i: counts[i])
+    return _all(
+        _condition(query, attr, value, indexed=query.driver in (None, i))
+        for i, (attr, value) in enumerate(query.matches)
+    )
 
 
 def _any(conditions: Iterable[Any]) -> Any:
@@ -309,8 +392,9 @@ def run(query: Query, limit: int | None = None) -> Iterator[Dataset]:
     select, returned = _select(query)
     if limit is not None:
         select = select.limit(limit)
+    template = _template(query, returned)
     for row in select.dicts().iterator():
-        yield _answer(query, row, returned)
+        yield _answer(template, row)
 
 
 @dataclass(frozen=True)
@@ -334,7 +418,7 @@ def instances(query: Query) -> list[StoredInstance]:
         .join_from(Series, Study)
         .join_from(Study, Patient)
     )  # fmt: skip
-    condition = _all(_condition(query, attr, value) for attr, value in query.matches)
+    condition = _where(query)
     if condition is not None:
         select = select.where(condition)
     order = (Study.id, Series.series_number, Instance.instance_number, Instance.id)
@@ -373,7 +457,7 @@ def _select(query: Query, columns: bool = True) -> tuple[Any, dict[str, Attribut
     chain = [Instance, Series, Study, Patient][3 - depth :]
     for child, parent in itertools.pairwise(chain):
         select = select.join_from(child, parent)
-    condition = _all(_condition(query, attr, value) for attr, value in query.matches)
+    condition = _where(query)
     if condition is not None:
         select = select.where(condition)
     return select.order_by(table.id), returned
@@ -390,42 +474,92 @@ def _sop_class_list() -> Any:
     return pw.Select([distinct.alias("d")], [pw.fn.group_concat(pw.SQL("d.uid"), "\\")])
 
 
-def _answer(query: Query, row: dict[str, Any], returned: dict[str, Attribute]) -> Dataset:
-    """One response identifier: every key of the request, ours filled in, others empty."""
-    rsp = Dataset()
-    needs_utf8 = False
+@dataclass(frozen=True)
+class _Template:
+    """The shape of every answer to one query, worked out once: per element of the request,
+    either a ready empty/fixed element or the column alias whose value fills it."""
+
+    slots: tuple[tuple[BaseTag, str, str, RawDataElement | None], ...]
+    asked_utf8: bool
+
+
+def _template(query: Query, returned: dict[str, Attribute]) -> _Template:
+    slots: list[tuple[BaseTag, str, str, RawDataElement | None]] = []
     for elem in query.identifier:
-        if elem.tag.group in (0x0000, 0x0002) or elem.keyword == "SpecificCharacterSet":
+        tag = elem.tag
+        if tag.group in (0x0000, 0x0002) or tag == _CHARSET_TAG:
             continue
-        keyword = elem.keyword or keyword_for_tag(elem.tag)
-        value: Any = ""
-        attr_alias = f"k_{keyword}"
-        if elem.keyword == "QueryRetrieveLevel":
-            value = query.level.value
-        elif attr_alias in returned:
-            value = row[attr_alias]
-            if value is None:
-                value = ""
-            elif isinstance(value, int):
-                value = str(value)
-            elif returned[attr_alias].kind is Kind.MODALITIES or "\\" in str(value):
-                value = [v for v in str(value).split("\\") if v] if value else ""
-        elif elem.VR == "SQ":
-            value = []
-        vr = elem.VR if elem.VR not in ("UN", None) else _vr(elem.tag)
-        rsp.add_new(elem.tag, vr, value)
-        needs_utf8 = needs_utf8 or _non_ascii(value)
+        keyword = elem.keyword or keyword_for_tag(tag)
+        vr = elem.VR if elem.VR not in ("UN", None) else _vr(tag)
+        alias = f"k_{keyword}"
+        if keyword == "QueryRetrieveLevel":
+            slots.append((tag, "CS", "", _raw(tag, "CS", query.level.value)))
+        elif alias in returned:
+            # A value of ours: the dictionary's VR, whatever the request said.
+            slots.append((tag, _vr(tag), alias, None))
+        else:
+            slots.append((tag, vr, "", _raw(tag, vr, "")))
     asked = query.identifier.get("SpecificCharacterSet")
     asked_utf8 = asked is not None and "ISO_IR 192" in text_value(asked)
-    if needs_utf8 or asked_utf8:
+    return _Template(tuple(slots), asked_utf8)
+
+
+def _answer(template: _Template, row: dict[str, Any]) -> Dataset:
+    """One response identifier: every key of the request, ours filled in, others empty.
+
+    The elements are built already encoded (pydicom raw elements: text in UTF-8 or ASCII,
+    padded to even length as PS3.5 7.1 says; every value we return is text, or empty), so that
+    neither building nor writing one converts values element by element; see
+    :func:`for_transfer_syntax`. Read like any data set, they decode on access.
+    """
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
+    needs_utf8 = template.asked_utf8
+    for tag, vr, alias, fixed in template.slots:
+        if fixed is not None:
+            elements[tag] = fixed
+            continue
+        value = row[alias]
+        if value is None:
+            text = ""
+        elif isinstance(value, int):
+            text = str(value)
+        else:
+            text = str(value)
+            if "\\" in text:  # multiple values (ModalitiesInStudy): no empty ones
+                text = "\\".join(v for v in text.split("\\") if v)
+            needs_utf8 = needs_utf8 or not text.isascii()
+        elements[tag] = _raw(tag, vr, text)
+    if needs_utf8:
         # PS3.5 6.1.2.3: UTF-8 carries every character we hold, whatever the query used.
-        rsp.SpecificCharacterSet = "ISO_IR 192"
+        elements[_CHARSET_TAG] = _UTF8
+    rsp = Dataset(elements)
+    rsp.set_original_encoding(None, None, _UTF8_ENCODINGS if needs_utf8 else default_encoding)
     return rsp
 
 
-def _non_ascii(value: Any) -> bool:
-    values = value if isinstance(value, list) else [value]
-    return any(isinstance(v, str) and not v.isascii() for v in values)
+_CHARSET_TAG = Tag(0x00080005)
+
+
+def _raw(tag: BaseTag, vr: str, text: str) -> RawDataElement:
+    """An element holding ``text`` encoded (UTF-8, which is ASCII for ASCII text) and padded to
+    even length: UIs with NUL, other text with a space (PS3.5 6.2). ``vr`` may be an ambiguous
+    dictionary VR ("US or SS") only for an empty value, written as its first choice."""
+    data = text.encode("utf-8")
+    if len(data) % 2:
+        data += b"\x00" if vr == "UI" else b" "
+    return RawDataElement(tag, vr.split(" or ")[0], len(data), data, 0, False, True)
+
+
+_UTF8 = _raw(_CHARSET_TAG, "CS", "ISO_IR 192")
+_UTF8_ENCODINGS = convert_encodings("ISO_IR 192")
+
+
+def for_transfer_syntax(answer: Dataset, implicit_vr: bool, little_endian: bool) -> Dataset:
+    """Mark an answer of :func:`run` as encoded for the negotiated transfer syntax, so that
+    writing it (pynetdicom's ``encode``) copies the raw element values as they are instead of
+    decoding and re-encoding each; text values are the same bytes in every transfer syntax."""
+    answer.set_original_encoding(implicit_vr, little_endian, answer.original_character_set)
+    return answer
 
 
 def _vr(tag: Any) -> str:

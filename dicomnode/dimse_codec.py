@@ -71,7 +71,9 @@ def _value_bytes(vr: str, value: Any) -> bytes:
     if value is None:
         return b""
     if vr == "US" or vr == "UL":
-        if kind is not int:
+        # int and its subclasses but bool: a handler's status is often an IntEnum, which
+        # pydicom writes as its integer value.
+        if not issubclass(kind, int) or kind is bool:
             raise _NotPlain
         try:
             return (_US if vr == "US" else _UL).pack(value)

@@ -185,3 +185,30 @@ def test_command_set_refuses_what_it_cannot_encode() -> None:
         dimse_codec.command_set({"Status": "0"})
     with pytest.raises(ValueError):
         dimse_codec.decode_command(b"\x00\x00\x00\x09\x04\x00")
+
+
+def test_a_handlers_intenum_status_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom puts a handler's return value (our Status, an IntEnum) into the response as it
+    is; encoding it must not fall back to pydicom, and must give pydicom's bytes."""
+    from dicomnode.status import Status
+
+    rsp = dimse_primitives.C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    rsp.AffectedSOPInstanceUID = "1.2.3.4.5"
+    rsp.Status = Status.OUT_OF_RESOURCES
+    message = dimse_messages.C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    expected = dsutils.encode(message.command_set, True, True)
+
+    def no_fallback(*args: Any) -> bytes:
+        raise AssertionError("fell back to pydicom for an IntEnum status")
+
+    monkeypatch.setattr(dimse_codec, "_pynetdicom_encode", no_fallback)
+    assert dimse_codec.encode_dataset(message.command_set, True, True) == expected
+    bool_status = dimse_messages.C_STORE_RSP()
+    rsp.Status = 0
+    bool_status.primitive_to_message(rsp)
+    bool_status.command_set.Status = True  # a bool is not an integer value here
+    with pytest.raises(AssertionError, match="fell back"):
+        dimse_codec.encode_dataset(bool_status.command_set, True, True)

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info as pydicom_write_file_meta_info
 
 from dicomnode import receive
 from dicomnode.receive import ReceiveFile
@@ -55,3 +57,39 @@ def test_large_receive_starts_writeback_and_keeps_every_byte(tmp_path: Path) -> 
     for i in range(0, rx.size // len(chunk)):
         assert data[i * len(chunk)] == i % 251
         assert data[i * len(chunk) + 1 : (i + 1) * len(chunk)] == chunk[1:]
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "syntax"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),  # odd, even, odd
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.45", "1.2.840.10008.1.2"),  # even lengths
+        ("1.2.840.10008.5.1.4.1.1.2", "2.25." + "9" * 59, "1.2.840.10008.1.2.4.90"),  # 64 chars
+    ],
+)
+def test_file_meta_bytes_equal_pydicoms(sop_class: str, sop_instance: str, syntax: str) -> None:
+    """The File Meta we write into received files is byte for byte what pydicom wrote before
+    (through pynetdicom's create_file_meta with our implementation identity)."""
+    meta = receive.FileMeta(sop_class, sop_instance, syntax)
+    ours = DicomBytesIO()
+    receive._write_file_meta(ours, meta)
+    theirs = DicomBytesIO()
+    pydicom_write_file_meta_info(theirs, receive._pydicom_file_meta(meta), enforce_standard=True)
+    assert ours.getvalue() == theirs.getvalue()
+
+
+def test_file_meta_with_an_empty_instance_uid_is_written_for_the_handler_to_refuse() -> None:
+    """pydicom refuses to write it (and pynetdicom then aborted the association); written as an
+    empty element, the handler answers the request with a refusal status instead."""
+    meta = receive.FileMeta("1.2.840.10008.5.1.4.1.1.2", "", "1.2.840.10008.1.2.1")
+    encoded = receive.encode_file_meta(meta)
+    assert b"\x02\x00\x03\x00UI\x00\x00" in encoded
+
+
+def test_file_meta_with_a_non_ascii_uid_falls_back_to_pydicom() -> None:
+    meta = receive.FileMeta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.\u00e9", "1.2.840.10008.1.2.1")
+    with pytest.raises(UnicodeEncodeError):
+        receive.encode_file_meta(meta)
+    out = DicomBytesIO()
+    receive._write_file_meta(out, meta)  # pydicom writes what it can; nothing raises here
+    assert out.getvalue()[4:6] == b"UL"

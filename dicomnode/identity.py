@@ -6,7 +6,9 @@ once for dicomnode; it must never be pynetdicom's or pydicom's default.
 
 from __future__ import annotations
 
-from pynetdicom import AE
+import logging
+
+from pynetdicom import AE, _config
 
 from dicomnode import __version__
 from dicomnode.config import Config
@@ -25,6 +27,11 @@ def new_ae(config: Config) -> AE:
     # Event-driven association loops instead of pynetdicom's 1 ms polling (dicomnode.reactor).
     install_reactor_hooks()
     install_codec_hooks()  # command sets encoded without pydicom (dicomnode.dimse_codec)
+    # pynetdicom's "standard" handlers describe every PDU and DIMSE message in many lines
+    # (about 0.2 ms each) before its logger discards them: it logs them at INFO and DEBUG, and
+    # dicomnode.cli keeps that logger at WARNING unless asked for more.
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        _config.LOG_HANDLER_LEVEL = "none"
     limits = config.limits
     ae = AE(ae_title=config.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -144,9 +145,21 @@ def extract(ds: Dataset, level: Level) -> dict[str, Any]:
     ideographic and phonetic component groups kept (``Yamada^Tarou=山田^太郎=やまだ^たろう``).
     """
     row: dict[str, Any] = {}
-    for attr in ATTRIBUTES:
-        if attr.level is not level or attr.computed:
-            continue
-        value = ds.get(attr.keyword)
-        row[attr.column] = _integer(value) if attr.kind is Kind.INTEGER else text_value(value)
+    for tag, column, integer in _EXTRACTED[level]:
+        # By tag: the keyword look-up pydicom does for ds.get("PatientID") costs as much as
+        # decoding the value, once per attribute of every stored instance.
+        elem = ds.get(tag)
+        value = None if elem is None else elem.value
+        row[column] = _integer(value) if integer else text_value(value)
     return row
+
+
+# (tag, column, is an integer) of the attributes read from a data set, by level.
+_EXTRACTED: dict[Level, tuple[tuple[int, str, bool], ...]] = {
+    level: tuple(
+        (int(tag_for_keyword(a.keyword) or 0), a.column, a.kind is Kind.INTEGER)
+        for a in ATTRIBUTES
+        if a.level is level and not a.computed
+    )
+    for level in Level
+}

@@ -1,18 +1,40 @@
-"""Builds and serves the Application Entity: configuration and policy in, a listening node out."""
+"""Builds and serves the Application Entity: configuration and policy in, a listening node out.
+
+With ``workers: 1`` :func:`serve` runs one :class:`Node` in this process. With more, this process
+becomes a supervisor (:class:`Supervisor`, a pre-fork server): it does the one-time start-up work
+(clearing ``storage_dir/tmp``, creating or migrating the index), binds and listens once, then forks
+the workers before any thread exists. Each worker builds its own :class:`Node` (its own AE, hooks
+and SQLite connections) and accepts on the inherited listening socket; the kernel hands each new
+connection to one of them. ``limits.max_associations`` stays node-wide through the
+:class:`WorkerBoard`, counts in shared memory that also balance accepts. The supervisor restarts a
+worker that dies and stops them all on SIGTERM or SIGINT.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import ctypes
 import logging
+import mmap
+import multiprocessing
+import os
+import select
 import signal
+import socket
+import struct
+import sys
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AddressInformation, ThreadedAssociationServer
 
 from dicomnode.archive import Archive
 from dicomnode.config import Config
@@ -22,20 +44,127 @@ from dicomnode.handlers.find import handle_find
 from dicomnode.handlers.store import handle_store
 from dicomnode.identity import new_ae
 from dicomnode.policy import Decision, Policy, Profile
+from dicomnode.reactor import install_reactor_hooks
 from dicomnode.receive import Receiver, install_receive_hooks
 from dicomnode.retrieve import install_retrieve_hooks
 
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"  # PS3.4 A.4 Verification SOP Class
+# PS3.8 9.3.4 A-ASSOCIATE-RJ: rejected-transient, service-provider (presentation), local limit
+# exceeded; what pynetdicom sends past AE.maximum_associations.
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class WorkerBoard:
+    """What the worker processes of one node share, in memory the supervisor maps before it forks.
+
+    - ``limits.max_associations`` across the workers: one count per worker, each written only by
+      its worker, all under one process-shared lock. A worker admits an association (at
+      A-ASSOCIATE-RQ) only while the sum is under the limit and releases it when its connection
+      closes, so the (limit + 1)th association is rejected whichever worker takes it, as
+      pynetdicom rejects it in a single process.
+    - Balancing: each worker publishes how many associations it serves. Every worker wakes for a
+      new connection and the first to accept gets it; one that serves more than the least busy
+      worker waits a little before accepting (as nginx's accept_disabled), so the least busy one
+      usually takes it, yet a connection never waits long if that one is slow to wake.
+
+    The supervisor zeroes the counts of a worker that died.
+    """
+
+    # Critical sections are a few microseconds; waiting this long means the holder died in one.
+    LOCK_TIMEOUT = 5.0
+    # A worker serving n more associations than the least busy one waits n steps before it
+    # accepts, at most ACCEPT_DELAY_MAX: long enough for a worker whose association threads hold
+    # its GIL to wake (Python switches threads every 5 ms), short beside an association set-up.
+    ACCEPT_DELAY_STEP = 0.01
+    ACCEPT_DELAY_MAX = 0.05
+
+    def __init__(self, limit: int, workers: int) -> None:
+        self.limit = limit
+        size = ctypes.sizeof(ctypes.c_int) * workers
+        self._memory = mmap.mmap(-1, 2 * size)  # anonymous and MAP_SHARED: shared across fork
+        self._counts = (ctypes.c_int * workers).from_buffer(self._memory)
+        self._loads = (ctypes.c_int * workers).from_buffer(self._memory, size)
+        self._lock = multiprocessing.get_context("fork").Lock()
+        self.slot = 0  # this worker's place; set in each worker after the fork
+        self._mine: dict[int, Any] = {}  # this worker's admitted associations, by id
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if not self._lock.acquire(timeout=self.LOCK_TIMEOUT):
+            raise TimeoutError("the node-wide association count is locked")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def admit(self, assoc: Any) -> bool:
+        """Count ``assoc`` in, or False when the node already has ``limit`` associations."""
+        try:
+            with self._locked():
+                # An association whose thread ended without a connection-close event is gone
+                # too: never let a missed event hold a place for ever.
+                for key, other in list(self._mine.items()):
+                    if not other.is_alive():
+                        del self._mine[key]
+                others = sum(self._counts) - self._counts[self.slot]
+                admitted = others + len(self._mine) < self.limit
+                if admitted:
+                    self._mine[id(assoc)] = assoc
+                self._counts[self.slot] = len(self._mine)
+                return admitted
+        except TimeoutError:
+            log.error("association count locked for %.0f s; refusing", self.LOCK_TIMEOUT)
+            return False
+
+    def release(self, assoc: Any) -> bool:
+        """``assoc``'s connection closed: its place is free. False if it was never admitted."""
+        with contextlib.suppress(TimeoutError), self._locked():
+            if self._mine.pop(id(assoc), None) is not None:
+                self._counts[self.slot] = len(self._mine)
+                return True
+        return False
+
+    def total(self) -> int:
+        """Associations admitted on the whole node (a snapshot)."""
+        return sum(self._counts)
+
+    def publish_load(self, load: int) -> None:
+        self._loads[self.slot] = load
+
+    def accept_delay(self, load: int) -> float:
+        """Seconds this worker, serving ``load`` associations, waits before it accepts."""
+        others = [n for i, n in enumerate(self._loads) if i != self.slot]
+        excess = load - min(others, default=load)
+        return min(excess * self.ACCEPT_DELAY_STEP, self.ACCEPT_DELAY_MAX) if excess > 0 else 0.0
+
+    def reset(self, slot: int) -> None:
+        """Supervisor: a worker died; its associations died with it."""
+        if not self._lock.acquire(timeout=1.0):
+            # Only a worker that died inside the critical section holds the lock this long:
+            # take it over (a plain lock may be released by any process).
+            log.warning("the dead worker held the association count lock; freeing it")
+        try:
+            self._counts[slot] = 0
+            self._loads[slot] = 0
+        finally:
+            self._lock.release()
 
 
 class Node:
-    """One running node: its AE, archive, receiver and policy."""
+    """One running node: its AE, archive, receiver and policy.
 
-    def __init__(self, config: Config, policy: Policy) -> None:
+    ``board``: what this node shares with the other workers when it is one of several (the
+    node-wide association limit, accept balancing); None in a single process, where pynetdicom's
+    ``AE.maximum_associations`` enforces the limit.
+    """
+
+    def __init__(self, config: Config, policy: Policy, board: WorkerBoard | None = None) -> None:
         self.config = config
         self.policy = policy
+        self.board = board
         self.archive = Archive(config)
         self.receiver = Receiver(self.archive.storage, config.store.min_free_space)
         self.ae = self._build_ae()
@@ -103,12 +232,20 @@ class Node:
     # --- running ----------------------------------------------------------------------------
 
     def _handlers(self) -> list[Any]:
+        on_requested: Callable[..., Any] = assoc_handlers.on_requested
+        # A worker of several: the node-wide limit is checked after the policy, and a closed
+        # connection frees its place before its closing line is logged.
+        shared: list[tuple[Any, Callable[..., Any]]] = []
+        if self.board is not None:
+            on_requested = _on_requested_within_limit
+            shared = [(evt.EVT_CONN_CLOSE, _on_conn_close_release)]
         bound: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, assoc_handlers.on_conn_open),
-            (evt.EVT_REQUESTED, assoc_handlers.on_requested),
+            (evt.EVT_REQUESTED, on_requested),
             (evt.EVT_ACCEPTED, assoc_handlers.on_accepted),
             (evt.EVT_REJECTED, assoc_handlers.on_rejected),
             (evt.EVT_ABORTED, assoc_handlers.on_aborted),
+            *shared,
             (evt.EVT_CONN_CLOSE, assoc_handlers.on_conn_close),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store),
@@ -116,23 +253,48 @@ class Node:
         ]
         return [(event, handler, [self]) for event, handler in bound]
 
-    def start(self) -> tuple[str, int]:
-        """Open the archive and start listening in the background; returns (host, port)."""
+    def start(self, listener: socket.socket | None = None) -> tuple[str, int]:
+        """Open the archive and start listening in the background; returns (host, port).
+
+        ``listener``: a socket the supervisor bound and listens on, when this node is one worker
+        of several; the supervisor has already cleared ``tmp/`` and migrated the index.
+        """
+        install_reactor_hooks()
         install_receive_hooks()
         install_retrieve_hooks()
         # pynetdicom logs request/response identifiers (patient names, IDs) at INFO.
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
-        self.archive.open()
-        server = self.ae.start_server(
-            (self.config.host, self.config.port),
-            block=False,
-            evt_handlers=self._handlers(),
-        )
-        assert server is not None  # block=False always returns the server
+        if listener is None:
+            self.archive.open()
+            server = self.ae.start_server(
+                (self.config.host, self.config.port),
+                block=False,
+                evt_handlers=self._handlers(),
+            )
+            assert server is not None  # block=False always returns the server
+        else:
+            # Never clean tmp/ here: other workers are receiving into it.
+            self.archive.storage.prepare(clean=False)
+            self.archive.index.open()
+            server = self._serve_on(listener)
         self.server = server
         host, port = server.server_address[:2]
         return str(host), int(port)
+
+    def _serve_on(self, listener: socket.socket) -> ThreadedAssociationServer:
+        """What ``AE.start_server(block=False)`` does, on an inherited listening socket."""
+        server = self.ae.make_server(
+            listener.getsockname(),
+            evt_handlers=self._handlers(),
+            server_class=_SharedListenerServer,
+            listener=listener,
+            board=self.board,
+        )
+        thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # as start_server does; server.shutdown() removes it
+        return server
 
     def stop(self) -> None:
         if self.server is not None:
@@ -142,18 +304,109 @@ class Node:
         self.archive.close()
 
 
-def serve(config: Config, policy: Policy, ready: Callable[[str, int], None] | None = None) -> None:
-    """Run a node in the foreground until SIGINT or SIGTERM."""
+def _on_requested_within_limit(event: Any, node: Node) -> None:
+    """EVT_REQUESTED in a worker: the policy decides as always, then the node-wide limit."""
+    assoc_handlers.on_requested(event, node)
+    assoc = event.assoc
+    board = node.board
+    if board is None or assoc.is_rejected or assoc.is_aborted or board.admit(assoc):
+        return
+    info = getattr(assoc.requestor, "address_info", None)
+    log.warning(
+        "association from %s at %s:%s rejected: the node has %d associations open "
+        "(limits.max_associations)",
+        node.calling_ae_title(assoc),
+        getattr(info, "address", "?"),
+        getattr(info, "port", "?"),
+        board.limit,
+    )
+    assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
+    assoc.kill()
+
+
+def _on_conn_close_release(event: Any, node: Node) -> None:
+    if node.board is not None and node.board.release(event.assoc):
+        log.debug(
+            "association from %s ended: %d open on the node",
+            node.calling_ae_title(event.assoc),
+            node.board.total(),
+        )
+    if isinstance(node.server, _SharedListenerServer):
+        node.server.publish_load(leaving=event.assoc)
+
+
+class _SharedListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server on a socket the supervisor bound, listens on and shares with
+    the other workers, balancing accepts through the :class:`WorkerBoard`."""
+
+    def __init__(
+        self, *args: Any, listener: socket.socket, board: WorkerBoard, **kwargs: Any
+    ) -> None:
+        self._listener = listener
+        self._board = board
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.socket is not None:
+            self.socket.close()  # the unbound socket TCPServer made
+        self.socket = self._listener
+        # Every worker wakes for a new connection and one wins the accept: the others must get
+        # EAGAIN at once (socketserver ignores it), not wait in accept() for the next one.
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """The supervisor listens already."""
+
+    def server_close(self) -> None:
+        # Close this worker's descriptor only: shutdown() would stop the socket listening for
+        # every worker.
+        if self.socket is not None:
+            self.socket.close()
+
+    def publish_load(self, leaving: Any = None) -> int:
+        """Tell the other workers how many associations this one serves (``leaving`` is ending
+        and not counted); returns that number."""
+        load = sum(1 for assoc in self.active_associations if assoc is not leaving)
+        self._board.publish_load(load)
+        return load
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        delay = self._board.accept_delay(self.publish_load())
+        if delay:
+            time.sleep(delay)  # the server thread only: the associations run on
+        return super().get_request()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the association in this thread (pynetdicom's threaded server starts a thread
+        only to start the association's own): then its load counts it at once."""
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        self.publish_load()
+
+
+def serve(config: Config, policy: Policy, ready: Callable[[str, int], None] | None = None) -> int:
+    """Run the node in the foreground until SIGINT or SIGTERM; returns the exit status.
+
+    One process for ``workers: 1``, else a :class:`Supervisor` and its workers.
+    """
+    workers = config.worker_count()
+    if workers > 1:
+        return Supervisor(config, policy, workers).run(ready)
+    _serve_one(config, policy, ready)
+    return 0
+
+
+def _serve_one(
+    config: Config, policy: Policy, ready: Callable[[str, int], None] | None = None
+) -> None:
+    """A single-process node until SIGINT or SIGTERM."""
     node = Node(config, policy)
     host, port = node.start()
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    stop = _StopSignals()
     log.info(
         "%s listening on %s:%d (storage %s, index %s)",
         config.ae_title,
@@ -169,3 +422,349 @@ def serve(config: Config, policy: Policy, ready: Callable[[str, int], None] | No
     finally:
         node.stop()
         log.info("%s stopped", config.ae_title)
+
+
+class _StopSignals:
+    """Waits in the main thread for SIGTERM or SIGINT in a process with threads.
+
+    The kernel hands a process's signal to any thread that does not block it. Python runs its
+    handler only in the main thread, and only once that thread runs again: a main thread asleep
+    in ``Event.wait()`` stays asleep when another thread caught the signal. So the handler does
+    nothing and the signal's number, which the C-level handler writes to the wakeup pipe from
+    whatever thread caught it, wakes the main thread's ``select``.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        for fd in (self._read, self._write):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, _ignore)
+
+    def wait(self) -> None:
+        try:
+            while True:
+                select.select([self._read], [], [])
+                received = _drain(self._read)
+                if any(sig in received for sig in _STOP_SIGNALS):
+                    log.info("signal %s: stopping", _signal_names(received))
+                    return
+        finally:
+            signal.set_wakeup_fd(-1)
+            os.close(self._read)
+            os.close(self._write)
+
+
+# --- several worker processes -----------------------------------------------------------------
+
+_PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+_PID = struct.Struct("=i")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@dataclass
+class _Worker:
+    slot: int  # 0-based; logged 1-based
+    pid: int
+    ready: bool = False
+
+
+class Supervisor:
+    """The parent of a node's worker processes (``workers`` > 1): a pre-fork server.
+
+    It does the start-up work once, before any worker exists: clears ``storage_dir/tmp`` (only
+    here, or a worker would delete another's receive in flight), creates or migrates the index and
+    closes it again (no SQLite connection crosses a fork), binds and listens (so ``port: 0``
+    works: it learns the real port), and creates the shared association count. Then it forks the
+    workers while it has no thread. It reports ready once every worker accepts; it restarts a
+    worker that dies after it was ready; a worker that dies before it was ready (it could not
+    start) stops the node with exit status 1. SIGTERM or SIGINT: it sends each worker SIGTERM
+    and waits for all of them; status 0, or 1 when one had to be killed.
+    """
+
+    STOP_TIMEOUT = 30.0  # a worker that has not stopped by then is killed
+
+    def __init__(self, config: Config, policy: Policy, workers: int) -> None:
+        self.config = config
+        self.policy = policy
+        self.count = workers
+        self.workers: dict[int, _Worker] = {}  # by pid
+        self.board = WorkerBoard(config.limits.max_associations, workers)
+        self.listener: socket.socket | None = None
+        self._wake = (-1, -1)
+        self._ready = (-1, -1)
+        self._status = 0
+        self._stopping = False
+        self._deadline: float | None = None  # stopping: when stragglers are killed
+
+    def run(self, ready: Callable[[str, int], None] | None = None) -> int:
+        if not hasattr(os, "fork"):
+            raise RuntimeError("workers > 1 needs os.fork (Linux, BSD, macOS); set workers: 1")
+        archive = Archive(self.config)
+        archive.open()  # creates the folders, clears tmp/, creates or migrates the index
+        archive.close()
+        self.listener = _listen(self.config)
+        host, port = (str(part) for part in self.listener.getsockname()[:2])
+        self._wake = os.pipe()
+        for fd in self._wake:
+            os.set_blocking(fd, False)
+        self._ready = os.pipe()
+        signal.set_wakeup_fd(self._wake[1], warn_on_full_buffer=False)
+        previous = {sig: signal.signal(sig, _ignore) for sig in _PARENT_SIGNALS}
+        try:
+            try:
+                for slot in range(self.count):
+                    self._spawn(slot)
+                self._supervise(ready, host, int(port))
+            except BaseException:
+                # Whatever went wrong here, no worker is left behind.
+                if self.workers:
+                    self._status = 1
+                    self._stop()
+                    self._supervise(None, host, int(port))
+                raise
+        finally:
+            signal.set_wakeup_fd(-1)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for fd in (*self._wake, *self._ready):
+                os.close(fd)
+            self.listener.close()
+        log.info("%s stopped", self.config.ae_title)
+        return self._status
+
+    # --- the parent -------------------------------------------------------------------------
+
+    def _supervise(self, ready: Callable[[str, int], None] | None, host: str, port: int) -> None:
+        announced = False
+        pending = b""
+        while self.workers:
+            timeout = None
+            if self._stopping and self._deadline is not None:
+                timeout = max(0.0, self._deadline - time.monotonic())
+            readable, _, _ = select.select([self._wake[0], self._ready[0]], [], [], timeout)
+            if self._wake[0] in readable:
+                received = _drain(self._wake[0])
+                if not self._stopping and any(sig in received for sig in _STOP_SIGNALS):
+                    log.info("signal %s: stopping the workers", _signal_names(received))
+                    self._stop()
+            if self._ready[0] in readable:
+                pending += os.read(self._ready[0], 4096)
+                while len(pending) >= _PID.size:
+                    (pid,) = _PID.unpack(pending[: _PID.size])
+                    pending = pending[_PID.size :]
+                    if pid in self.workers:
+                        self.workers[pid].ready = True
+                        log.debug("worker %d (pid %d) ready", self.workers[pid].slot + 1, pid)
+            self._reap()
+            if (
+                self._stopping
+                and self.workers
+                and self._deadline is not None
+                and time.monotonic() >= self._deadline
+            ):
+                self._kill_stragglers()
+            if not announced and not self._stopping and self._all_ready():
+                announced = True
+                log.info(
+                    "%s listening on %s:%d (storage %s, index %s, %d worker processes)",
+                    self.config.ae_title,
+                    host,
+                    port,
+                    self.config.storage_dir,
+                    self.config.database,
+                    self.count,
+                )
+                if ready is not None:
+                    ready(host, port)
+
+    def _all_ready(self) -> bool:
+        return len(self.workers) == self.count and all(w.ready for w in self.workers.values())
+
+    def _reap(self) -> None:
+        for pid, worker in list(self.workers.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done == 0:
+                continue
+            del self.workers[pid]
+            self.board.reset(worker.slot)
+            how = _describe_exit(status)
+            if self._stopping:
+                log.debug("worker %d (pid %d) stopped (%s)", worker.slot + 1, pid, how)
+                if os.waitstatus_to_exitcode(status) != 0 and self._status == 0:
+                    self._status = 1
+            elif not worker.ready:
+                log.error(
+                    "worker %d (pid %d) ended (%s) before it could serve; stopping the node "
+                    "(see its messages above)",
+                    worker.slot + 1,
+                    pid,
+                    how,
+                )
+                self._status = 1
+                self._stop()
+            else:
+                log.warning(
+                    "worker %d (pid %d) ended unexpectedly (%s); starting a new one",
+                    worker.slot + 1,
+                    pid,
+                    how,
+                )
+                self._spawn(worker.slot)
+
+    def _stop(self) -> None:
+        self._stopping = True
+        self._deadline = time.monotonic() + self.STOP_TIMEOUT
+        for pid in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def _kill_stragglers(self) -> None:
+        for pid, worker in self.workers.items():
+            log.error(
+                "worker %d (pid %d) did not stop within %.0f s; killing it",
+                worker.slot + 1,
+                pid,
+                self.STOP_TIMEOUT,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._status = 1
+        self._deadline = None  # SIGKILL cannot be ignored: wait for the exits
+
+    def _spawn(self, slot: int) -> None:
+        if threading.active_count() != 1:
+            # fork() copies only the calling thread; a lock another thread held stays held.
+            raise RuntimeError("the supervisor must not run threads before it forks")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        parent = os.getpid()
+        # Signals wait until the worker has its own handlers (and the parent its bookkeeping).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                status = 1
+                try:
+                    status = self._worker(slot, parent, mask)
+                finally:
+                    os._exit(status)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self.workers[pid] = _Worker(slot, pid)
+        log.info("worker %d started (pid %d)", slot + 1, pid)
+
+    # --- a worker ---------------------------------------------------------------------------
+
+    def _worker(self, slot: int, parent: int, mask: Iterable[int]) -> int:
+        """The body of a worker process (never returns to the caller's stack: see _spawn)."""
+        assert self.listener is not None
+        signal.set_wakeup_fd(-1)
+        for fd in (*self._wake, self._ready[0]):
+            os.close(fd)
+        stop = _StopSignals()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _die_with_parent(parent)
+        _tag_log_lines()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        try:
+            self.board.slot = slot
+            node = Node(self.config, self.policy, self.board)
+            node.start(self.listener)
+        except BaseException:
+            log.exception("worker %d could not start", slot + 1)
+            return 1
+        try:
+            os.write(self._ready[1], _PID.pack(os.getpid()))
+            log.debug("worker %d serving", slot + 1)
+            stop.wait()
+        finally:
+            node.stop()
+        return 0
+
+
+def _listen(config: Config) -> socket.socket:
+    """The node's listening socket, bound as pynetdicom's server binds its own."""
+    info = AddressInformation.from_tuple((config.host, config.port))
+    sock = socket.socket(info.address_family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((config.host, config.port))
+        # Connections wait here until a worker accepts them; past the association limit they
+        # are accepted and rejected, so a backlog of the limit is plenty.
+        sock.listen(max(5, config.limits.max_associations))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """The Python-level handler: the signal's number is read from the wakeup pipe instead."""
+
+
+def _drain(fd: int) -> set[int]:
+    received: set[int] = set()
+    while True:
+        try:
+            chunk = os.read(fd, 512)
+        except BlockingIOError:
+            return received
+        if not chunk:
+            return received
+        received.update(chunk)
+
+
+def _signal_names(received: set[int]) -> str:
+    return "/".join(signal.Signals(sig).name for sig in _STOP_SIGNALS if sig in received)
+
+
+def _describe_exit(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: this worker gets SIGTERM when the supervisor dies, even by SIGKILL, so no orphan
+    keeps serving the port. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            log.debug("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _WorkerFormatter(logging.Formatter):
+    """A handler's own format, with this worker's process id after the logger name
+    (``dicomnode.archive[12345]``, as syslog writes ``program[pid]``)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+        self.tag = f"[{os.getpid()}]"
+
+    def format(self, record: logging.LogRecord) -> str:
+        tagged = copy.copy(record)
+        tagged.name = f"{record.name}{self.tag}"
+        return self.inner.format(tagged)
+
+
+def _tag_log_lines() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_WorkerFormatter(handler.formatter))

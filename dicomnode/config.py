@@ -13,11 +13,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 CONFIG_ENV = "DICOMNODE_CONFIG"
+
+# ``workers: auto``: one worker process per CPU this process may run on, at most this many. Past
+# a handful of processes the single SQLite writer and the disk's fsyncs set the pace, and each
+# worker costs its own memory (about 80 MiB).
+AUTO_WORKERS_MAX = 8
+WORKERS_MAX = 64
 
 
 class ConfigError(ValueError):
@@ -129,6 +135,9 @@ class Config:
     ae_title: str = "DICOMNODE"
     host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens on the LAN by design
     port: int = 11112
+    # How many processes serve associations on the one listening port: an integer, or "auto" (see
+    # worker_count). With 1 the node is one process, as before workers existed.
+    workers: int | Literal["auto"] = "auto"
     storage_dir: Path = Path("var/storage")
     database: Path = Path("var/index.sqlite")
     # The conformance YAML that drives presentation-context negotiation; None: the built-in default
@@ -143,6 +152,18 @@ class Config:
     query: QuerySettings = field(default_factory=QuerySettings)
     # The file this was loaded from, if any (for messages and for resolving relative paths).
     source: Path | None = None
+
+    def worker_count(self) -> int:
+        """The number of worker processes to run: ``workers``, with ``auto`` resolved to the CPUs
+        this process may use (its affinity mask), at most :data:`AUTO_WORKERS_MAX` and at most
+        ``limits.max_associations`` (a worker beyond that could never hold an association)."""
+        if self.workers != "auto":
+            return self.workers
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not Linux
+            cpus = os.cpu_count() or 1
+        return max(1, min(cpus, AUTO_WORKERS_MAX, self.limits.max_associations))
 
     def peer_by_ae_title(self, ae_title: str) -> Peer | None:
         """The configured peer whose AE title is ``ae_title`` (surrounding spaces ignored)."""
@@ -219,6 +240,12 @@ def _positive_seconds(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 86400:
         return float(value)
     return None
+
+
+def _workers(value: Any) -> int | Literal["auto"] | None:
+    if value == "auto":
+        return "auto"
+    return _int_in(1, WORKERS_MAX)(value)
 
 
 def _ae_title(value: Any) -> str | None:
@@ -348,6 +375,9 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
         ae_title=top.get("ae_title", d.ae_title, _ae_title, _AE_ALLOWED),
         host=top.get("host", d.host, _text, "a host name or address to listen on"),
         port=top.get("port", d.port, _int_in(0, 65535), "a port number from 0 to 65535"),
+        workers=top.get(
+            "workers", d.workers, _workers, f"auto or an integer from 1 to {WORKERS_MAX}"
+        ),
         storage_dir=top.get("storage_dir", base_dir / d.storage_dir, path, "a folder path"),
         database=top.get("database", base_dir / d.database, path, "a file path"),
         conformance=top.get("conformance", d.conformance, path, "a file path"),

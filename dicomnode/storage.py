@@ -46,10 +46,17 @@ class Storage:
         self.objects = root / _OBJECTS
         self.tmp = root / _TMP
 
-    def prepare(self) -> int:
-        """Create the folders and remove what an earlier run left in ``tmp/``; returns the count."""
+    def prepare(self, clean: bool = True) -> int:
+        """Create the folders and remove what an earlier run left in ``tmp/``; returns the count.
+
+        ``clean=False`` only creates the folders: a worker process of a node with several
+        (``dicomnode.ae``) must never clean, or it would delete another worker's receive in
+        flight; their parent cleans once, before any worker starts.
+        """
         self.objects.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        if not clean:
+            return 0
         removed = 0
         for leftover in self.tmp.iterdir():
             if leftover.is_dir() and not leftover.is_symlink():

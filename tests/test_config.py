@@ -60,6 +60,7 @@ def test_dataclass_defaults() -> None:
     assert config.ae_title == "DICOMNODE"
     assert config.host == "0.0.0.0"
     assert config.port == 11112
+    assert config.workers == "auto"
     assert config.storage_dir == Path("var/storage")
     assert config.database == Path("var/index.sqlite")
     assert config.conformance is None
@@ -125,6 +126,36 @@ def test_accepted_value_forms_are_normalised(tmp_path: Path) -> None:
     assert config.limits.max_pdu_size == 4096
     assert config.store.duplicates is DuplicatePolicy.REJECT
     assert config.store.min_free_space == 2 * 1024**3
+
+
+@pytest.mark.parametrize(("text", "workers"), [("workers: 1\n", 1), ("workers: 64\n", 64)])
+def test_workers_integer(tmp_path: Path, text: str, workers: int) -> None:
+    config = load_text(tmp_path, text)
+    assert config.workers == workers
+    assert config.worker_count() == workers  # an integer is taken as it is
+
+
+@pytest.mark.parametrize(
+    ("cpus", "max_associations", "expected"),
+    [(1, 16, 1), (2, 16, 2), (6, 16, 6), (32, 16, 8), (32, 3, 3), (4, 1, 1)],
+)
+def test_workers_auto_is_the_usable_cpus_capped(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, max_associations: int, expected: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    config = parse_config(
+        {"workers": "auto", "limits": {"max_associations": max_associations}}, Path.cwd()
+    )
+    assert config.workers == "auto"
+    assert config.worker_count() == expected
+
+
+def test_workers_auto_without_affinity_uses_cpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert Config().worker_count() == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert Config().worker_count() == 1
 
 
 # --- the reference configuration ---------------------------------------------------------------
@@ -308,6 +339,12 @@ BAD_VALUES = [
         "limits.max_pdu_size",
         "an integer from 4096 to 16777216",
     ),
+    ("workers: 0\n", "workers", "auto or an integer from 1 to 64"),
+    ("workers: 65\n", "workers", "auto or an integer from 1 to 64"),
+    ("workers: AUTO\n", "workers", "auto or an integer from 1 to 64"),
+    ("workers: '2'\n", "workers", "auto or an integer from 1 to 64"),
+    ("workers: true\n", "workers", "auto or an integer from 1 to 64"),
+    ("workers: 1.5\n", "workers", "auto or an integer from 1 to 64"),
     ("limits: {max_associations: 0}\n", "limits.max_associations", "an integer 1-1000"),
     ("limits: {max_associations: 1001}\n", "limits.max_associations", "an integer 1-1000"),
     ("limits: {acse_timeout: 0}\n", "limits.acse_timeout", "seconds, above 0"),
@@ -377,10 +414,10 @@ UNKNOWN_KEYS = [
     (
         "colour: blue\n",
         "colour",
-        "ae_title, host, port, storage_dir, database, conformance, log_level, peers, "
+        "ae_title, host, port, workers, storage_dir, database, conformance, log_level, peers, "
         "unknown_peers, limits, store",
     ),
-    ("stroage_dir: x\n", "stroage_dir", "ae_title, host, port, storage_dir"),
+    ("stroage_dir: x\n", "stroage_dir", "ae_title, host, port, workers, storage_dir"),
     ("source: x.yaml\n", "source", "limits, store"),
     (
         "limits: {max_pdu: 65536}\n",

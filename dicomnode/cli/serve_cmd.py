@@ -17,7 +17,9 @@ from dicomnode.status import ExitCode
 def serve_cmd(state: CliState) -> None:
     """Run the node in the foreground until SIGTERM or Ctrl-C.
 
-    Prints one line to stdout when it is listening: "listening on HOST:PORT".
+    Prints one line to stdout when it is listening: "listening on HOST:PORT" (with several
+    workers: once every worker accepts). Exits 0 once stopped by a signal, 1 when the node could
+    not start or a worker had to be killed at stop.
     """
     from dicomnode.ae import serve
 
@@ -33,7 +35,9 @@ def serve_cmd(state: CliState) -> None:
         click.echo(f"{config.ae_title} listening on {host}:{port}")
         sys.stdout.flush()
 
-    serve(config, policy, ready)
+    status = serve(config, policy, ready)
+    if status:
+        sys.exit(status)
 
 
 COMMANDS: list[click.Command] = [serve_cmd]

@@ -96,6 +96,9 @@ def write_config(root: Path, ae_title: str = "DICOMNODE", **settings: Any) -> Pa
         "database": "index.sqlite",
         "log_level": "DEBUG",
         "store": {"min_free_space": 0},
+        # One process, as the tests were written for; tests of several pass workers=N.
+        # DICOMNODE_TEST_WORKERS=N runs every other test against N worker processes.
+        "workers": _test_workers(),
     }
     for key, value in settings.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
@@ -105,6 +108,11 @@ def write_config(root: Path, ae_title: str = "DICOMNODE", **settings: Any) -> Pa
     path = root / "dicomnode.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
+
+
+def _test_workers() -> int | str:
+    value = os.environ.get("DICOMNODE_TEST_WORKERS", "1")
+    return int(value) if value.isdigit() else value
 
 
 @contextmanager

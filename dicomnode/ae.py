@@ -265,6 +265,7 @@ class Node:
         # pynetdicom logs request/response identifiers (patient names, IDs) at INFO.
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
+        self._warm_contexts()
         if listener is None:
             self.archive.open()
             server = self.ae.start_server(
@@ -281,6 +282,12 @@ class Node:
         self.server = server
         host, port = server.server_address[:2]
         return str(host), int(port)
+
+    def _warm_contexts(self) -> None:
+        """Build the pynetdicom contexts of every configured peer and of unknown callers now,
+        not during some caller's first association (about 10 ms for the default policy)."""
+        for title in ["", *(peer.ae_title for peer in self.config.peers.values())]:
+            self.contexts_for(self.profile_for(title))
 
     def _serve_on(self, listener: socket.socket) -> ThreadedAssociationServer:
         """What ``AE.start_server(block=False)`` does, on an inherited listening socket."""

@@ -24,17 +24,21 @@ import contextlib
 import os
 import queue
 import select
+import socket
 import ssl
+import struct
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pynetdicom.association
 import pynetdicom.dul
 from pynetdicom import evt
-from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse import _RSP_TO_MESSAGE, DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 
 # Upper bound on any wait, so that timers checked by polling still fire on time.
 MAX_WAIT = 0.05
@@ -58,6 +62,20 @@ class _WakingQueue(queue.Queue[Any]):
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
         self._wake()
+
+
+class _ProviderQueue(_WakingQueue):
+    """The DUL's queue of primitives to send; counts the P-DATA ones not yet on the wire."""
+
+    def __init__(self, dul: EventDUL) -> None:
+        super().__init__(dul._wake.set)
+        self._dul = dul
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if isinstance(item, P_DATA):
+            with self._dul._send_lock:
+                self._dul._pdata_pending += 1
+        super().put(item, block, timeout)
 
 
 class _WakePipe:
@@ -104,7 +122,11 @@ class EventDUL(DULServiceProvider):
     def __init__(self, assoc: Any) -> None:
         super().__init__(assoc)
         self._wake = _WakePipe()
-        self.to_provider_queue = _WakingQueue(self._wake.set)
+        # Serialises writes to the socket between this thread and a direct sender
+        # (send_direct), and guards the count of P-DATA primitives queued but not yet sent.
+        self._send_lock = threading.Lock()
+        self._pdata_pending = 0
+        self.to_provider_queue = _ProviderQueue(self)
         self.event_queue = _WakingQueue(self._wake.set)
         user_wake = association_wake(assoc)
         self.to_user_queue = _WakingQueue(user_wake.set)
@@ -112,6 +134,37 @@ class EventDUL(DULServiceProvider):
     def kill_dul(self) -> None:
         super().kill_dul()
         self._wake.set()
+
+    def _send(self, pdu: Any) -> None:
+        with self._send_lock:
+            super()._send(pdu)
+            if isinstance(pdu, P_DATA_TF):
+                self._pdata_pending -= 1
+
+    def send_direct(self, pdatas: Iterable[P_DATA]) -> bool:
+        """Write the P-DATA primitives ``pdatas`` (one DIMSE message) to the socket from the
+        calling thread, as DT-1 would (PS3.8 9.2: P-DATA in Sta6 leaves the state unchanged);
+        False, having consumed nothing, when the queue must be used instead: P-DATA still
+        queued (order must hold), another state, or a TLS socket (its SSL object is not
+        shared between threads).
+
+        A response through the queue costs a hand-over to this thread and back; on loopback
+        that is about as long as the rest of sending it.
+        """
+        transport = self.socket
+        raw = getattr(transport, "socket", None) if transport is not None else None
+        if type(raw) is not socket.socket or not getattr(transport, "_is_connected", False):
+            return False
+        with self._send_lock:
+            if self._pdata_pending or self.state_machine.current_state != "Sta6":
+                return False
+            try:
+                for pdata in pdatas:
+                    raw.sendall(_p_data_tf(pdata))
+            except OSError:
+                # As pynetdicom's transport does on a failed send: the connection is gone.
+                self.event_queue.put("Evt17")
+        return True
 
     def stop_dul(self) -> bool:
         if self.state_machine.current_state == "Sta1":
@@ -198,11 +251,43 @@ class EventDUL(DULServiceProvider):
 
 
 class EventDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider, waking the association thread when a message is complete."""
+    """pynetdicom's DIMSE provider, waking the association thread when a message is complete,
+    and writing responses to the socket from the thread that makes them."""
 
     def __init__(self, assoc: Any) -> None:
         super().__init__(assoc)
         self.msg_queue = _WakingQueue(association_wake(assoc).set)
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """pynetdicom's send_msg (dimse.py, 3.0.x); a response goes out directly when the DUL
+        allows (:meth:`EventDUL.send_direct`). Requests keep the queue: a C-STORE request's
+        data set is read as it is sent, and must not wait on the socket under the send lock."""
+        dul = self.dul
+        if primitive.MessageIDBeingRespondedTo is None or not isinstance(dul, EventDUL):
+            super().send_msg(primitive, context_id)
+            return
+        message = _RSP_TO_MESSAGE[primitive.__class__]()
+        message.primitive_to_message(primitive)
+        message.context_id = context_id
+        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        pdatas = list(message.encode_msg(context_id, self.maximum_pdu_size))
+        if not dul.send_direct(pdatas):
+            for pdata in pdatas:
+                dul.send_pdu(pdata)
+
+
+def _p_data_tf(pdata: P_DATA) -> bytes:
+    """A P-DATA-TF PDU (PS3.8 9.3.5): type 04, reserved, length, then one PDV item per value,
+    each its length, presentation context ID and the fragment with its control header."""
+    items = b"".join(
+        _PDV_HEADER.pack(len(fragment) + 1, context_id) + fragment
+        for context_id, fragment in pdata.presentation_data_value_list
+    )
+    return _PDU_HEADER.pack(0x04, 0x00, len(items)) + items
+
+
+_PDU_HEADER = struct.Struct(">BBI")
+_PDV_HEADER = struct.Struct(">IB")
 
 
 def _run_association_reactor(self: Any) -> None:

@@ -57,8 +57,13 @@ def test_many_messages_back_to_back_on_one_association(node: RunningNode) -> Non
         for i in range(30):
             ds.SOPInstanceUID = f"{ds.SOPInstanceUID.rsplit('.', 1)[0]}.{i + 1}"
             assert assoc.send_c_store(ds).Status == Status.SUCCESS
+        # Every queued P-DATA was sent (the count that lets responses bypass the queue is
+        # balanced), so a response could now go straight to the socket.
+        assert assoc.dul._pdata_pending == 0
+        assert assoc.dul.send_direct([])
         assoc.release()
         assert assoc.is_released
+        assert not assoc.dul.send_direct([])  # no longer in Sta6: the queue decides
     finally:
         ae.shutdown()
     assert node.rows("SELECT COUNT(*) AS n FROM instance")[0]["n"] == 30

@@ -269,7 +269,8 @@ def _defaults(model: type[BaseModel]) -> dict[str, Any]:
 
 
 @functools.cache
-def _insert_sql(model: type[BaseModel], columns: tuple[str, ...]) -> str:
+def insert_sql(model: type[BaseModel], columns: tuple[str, ...]) -> str:
+    """INSERT of ``columns`` (column names) into ``model``'s table, values bound."""
     unknown = set(columns) - set(model._meta.columns)
     if unknown:  # keys come from our attribute table; anything else is a programming error
         raise ValueError(f"not columns of {model._meta.table_name}: {sorted(unknown)}")
@@ -281,7 +282,7 @@ def _insert_sql(model: type[BaseModel], columns: tuple[str, ...]) -> str:
 def _insert(con: sqlite3.Connection, model: type[BaseModel], values: dict[str, Any]) -> int:
     """Insert one row of ``model``; returns its id."""
     row = {**_defaults(model), **values}
-    cursor = con.execute(_insert_sql(model, tuple(row)), tuple(row.values()))
+    cursor = con.execute(insert_sql(model, tuple(row)), tuple(row.values()))
     return int(cursor.lastrowid or 0)
 
 
@@ -339,7 +340,7 @@ def _series_for(con: sqlite3.Connection, new: NewInstance) -> int:
     return int(series_id)
 
 
-def _name_rows(owner: int, level: Level, values: Mapping[str, Any]) -> list[dict[str, Any]]:
+def name_rows(owner: int, level: Level, values: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The person-name match keys of a new patient or study row (see models.PersonName)."""
     return [
         {
@@ -359,7 +360,7 @@ def _name_rows(owner: int, level: Level, values: Mapping[str, Any]) -> list[dict
 def _insert_names(
     con: sqlite3.Connection, owner: int, level: Level, values: Mapping[str, Any]
 ) -> None:
-    for row in _name_rows(owner, level, values):
+    for row in name_rows(owner, level, values):
         _insert(con, PersonName, row)
 
 
@@ -368,7 +369,7 @@ def _add_names(owner: BaseModel, level: Level) -> None:
     values = {
         attr.column: getattr(owner, attr.column) for attr in PERSON_NAMES if attr.level is level
     }
-    rows = _name_rows(owner.id, level, values)
+    rows = name_rows(owner.id, level, values)
     if rows:
         PersonName.insert_many(rows).execute()
 

@@ -308,13 +308,10 @@ def populate_dicomnode(
     ``objects/`` (no file is written: C-FIND needs none) and a file size. One transaction, written
     with ``synchronous=OFF`` (the file is fsynced once at the end by the WAL checkpoint).
     """
-    from dicomnode.index import Index
+    from dicomnode.index import Index, insert_sql, name_rows
     from dicomnode.index.attributes import (
         BY_KEYWORD,
-        PERSON_NAMES,
         Kind,
-        fold,
-        name_groups,
         study_datetime,
         text_value,
     )
@@ -356,7 +353,7 @@ def populate_dicomnode(
         buffers: dict[str, list[tuple[Any, ...]]] = {level: [] for level in models}
         names: list[tuple[Any, ...]] = []
         statements: dict[str, str] = {}
-        name_sql = _insert_sql(PersonName, ["owner", "keyword", "group", "value", "folded"])
+        name_sql = insert_sql(PersonName, ("owner", "keyword", "group", "value", "folded"))
 
         def flush(level: str) -> None:
             if buffers[level]:
@@ -373,7 +370,7 @@ def populate_dicomnode(
         def add(level: str, row: dict[str, Any]) -> None:
             if level not in statements:
                 order[level] = list(row)
-                statements[level] = _insert_sql(models[level], order[level])
+                statements[level] = insert_sql(models[level], tuple(order[level]))
             buffers[level].append(tuple(row[c] for c in order[level]))
             if len(buffers[level]) >= _BATCH:
                 flush(level)
@@ -408,13 +405,11 @@ def populate_dicomnode(
                 add(SERIES, row)
             else:
                 add(PATIENT, row)
-            for attr in PERSON_NAMES:
-                if attr.level is dicom_level[entity.level]:
-                    for group_no, group in enumerate(name_groups(row[attr.column])):
-                        if group:
-                            names.append(
-                                (entity.index + 1, attr.keyword, group_no, group, fold(group))
-                            )
+            # The same person-name keys the C-STORE path writes (dicomnode.index.name_rows).
+            names.extend(
+                tuple(r.values())
+                for r in name_rows(entity.index + 1, dicom_level[entity.level], row)
+            )
         finish_study()
         for level in models:
             flush(level)
@@ -423,14 +418,6 @@ def populate_dicomnode(
     finally:
         con.close()
     return probe(instances)
-
-
-def _insert_sql(model: Any, columns: list[str]) -> str:
-    fields = model._meta.fields
-    names = [fields[c].column_name if c in fields else c for c in columns]
-    quoted = ", ".join(f'"{n}"' for n in names)
-    marks = ", ".join("?" for _ in names)
-    return f'INSERT INTO "{model._meta.table_name}" ({quoted}) VALUES ({marks})'  # noqa: S608
 
 
 def _object_path(index: int) -> str:

@@ -41,6 +41,7 @@ from dicomnode.config import Config
 from dicomnode.handlers import association as assoc_handlers
 from dicomnode.handlers.echo import handle_echo
 from dicomnode.handlers.find import handle_find
+from dicomnode.handlers.mpps import handle_n_create, handle_n_set
 from dicomnode.handlers.store import handle_store
 from dicomnode.identity import new_ae
 from dicomnode.policy import Decision, Policy, Profile
@@ -250,6 +251,8 @@ class Node:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store),
             (evt.EVT_C_FIND, handle_find),
+            (evt.EVT_N_CREATE, handle_n_create),
+            (evt.EVT_N_SET, handle_n_set),
         ]
         return [(event, handler, [self]) for event, handler in bound]
 

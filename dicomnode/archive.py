@@ -27,10 +27,12 @@ from dicomnode.config import Config, DuplicatePolicy
 from dicomnode.encoding import EncodingError, check_dataset
 from dicomnode.index import DuplicateInstance, Index, IndexError_, NewInstance
 from dicomnode.index.query import StoredInstance, count, instances, parse, run
+from dicomnode.mpps import PerformedSteps
 from dicomnode.policy import is_valid_uid, uid_name
 from dicomnode.qr import Model
 from dicomnode.status import Status
 from dicomnode.storage import Storage, StorageError
+from dicomnode.worklist import Worklist
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +76,15 @@ class Archive:
         self.config = config
         self.storage = Storage(config.storage_dir)
         self.index = Index(config.database)
+        self.worklist = Worklist(config, self.index)
+        self.steps = PerformedSteps(self.index)
 
     def open(self) -> None:
-        """Prepare the folders (clearing leftover temp files) and open the index."""
+        """Prepare the folders (clearing leftover temp files), open the index and expire old
+        worklist items."""
         self.storage.prepare()
         self.index.open()
+        self.worklist.expire()
 
     def close(self) -> None:
         self.index.close()
@@ -206,7 +212,7 @@ def _same_content(a: Path, b: Path) -> bool:
 
 
 # What pydicom raises on data it cannot read (it has no single exception type for that).
-_PARSE_ERRORS = (
+PARSE_ERRORS = (
     InvalidDicomError,
     ValueError,
     KeyError,
@@ -240,7 +246,7 @@ def _read_and_check(path: Path, request: StoreRequest) -> NewInstance:
             new = NewInstance.from_dataset(ds)
     except EncodingError as exc:
         raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from exc
-    except _PARSE_ERRORS as exc:
+    except PARSE_ERRORS as exc:
         raise Rejected(
             Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}"
         ) from exc

@@ -42,6 +42,19 @@ class Service(StrEnum):
     MPPS = "mpps"
 
 
+class WorklistScope(StrEnum):
+    """Which scheduled steps a worklist query that names no Scheduled Station AE Title sees.
+
+    ``all``: every step (PS3.4 K.6: an empty key matches everything). ``own``: only the steps
+    scheduled for the caller's own AE title, so a scanner that asks for "everything" gets its
+    own schedule, as most RIS gateways do. A query that gives a station AE title value is always
+    matched on it as given.
+    """
+
+    ALL = "all"
+    OWN = "own"
+
+
 class DuplicatePolicy(StrEnum):
     """What to do with a SOP Instance UID we already hold, received again with different content.
 
@@ -88,6 +101,8 @@ class Peer:
     services: frozenset[Service] = frozenset()
     # Peer names this peer may C-MOVE to; None: any configured peer.
     move_destinations: frozenset[str] | None = None
+    # Its worklist queries without a station AE title key; None: worklist.default_scope.
+    worklist_scope: WorklistScope | None = None
 
     @property
     def address(self) -> str:
@@ -129,6 +144,21 @@ class QuerySettings:
 
 
 @dataclass(frozen=True)
+class WorklistSettings:
+    """Modality Worklist items held in the index (PS3.4 K.6) and how queries see them."""
+
+    # Items scheduled more than this many days ago (by Scheduled Procedure Step Start Date, else
+    # when they were added) are removed: at start-up, by the worklist commands, and at most
+    # hourly while queries come in. 0 keeps every item until it is removed by hand.
+    expire_after_days: int = 30
+    # Steps whose status is COMPLETED (set by MPPS, or imported so) are left out of answers
+    # unless the query asks for ScheduledProcedureStepStatus by value.
+    hide_completed: bool = True
+    # For callers whose peer entry sets no worklist_scope, and unknown callers.
+    default_scope: WorklistScope = WorklistScope.ALL
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the node needs to run; see ``config/dicomnode.yaml`` for each key's meaning."""
 
@@ -150,6 +180,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     store: StoreSettings = field(default_factory=StoreSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
+    worklist: WorklistSettings = field(default_factory=WorklistSettings)
     # The file this was loaded from, if any (for messages and for resolving relative paths).
     source: Path | None = None
 
@@ -181,6 +212,13 @@ class Config:
         if caller is None or caller.move_destinations is None:
             return True
         return destination.name in caller.move_destinations
+
+    def worklist_scope_for(self, calling_ae_title: str) -> WorklistScope:
+        """Which steps a caller's worklist queries without a station AE title key see."""
+        peer = self.peer_by_ae_title(calling_ae_title)
+        if peer is not None and peer.worklist_scope is not None:
+            return peer.worklist_scope
+        return self.worklist.default_scope
 
     def services_for(self, calling_ae_title: str) -> frozenset[Service]:
         """What a caller presenting ``calling_ae_title`` may ask of us."""
@@ -278,8 +316,11 @@ def _services(value: Any) -> frozenset[Service] | None:
         return None
 
 
-def _enum(kind: type[DuplicatePolicy]) -> Callable[[Any], DuplicatePolicy | None]:
-    def convert(value: Any) -> DuplicatePolicy | None:
+E = TypeVar("E", bound=StrEnum)
+
+
+def _enum(kind: type[E]) -> Callable[[Any], E | None]:
+    def convert(value: Any) -> E | None:
         try:
             return kind(value)
         except ValueError:
@@ -303,6 +344,7 @@ _SECONDS = "seconds, above 0 and at most 86400"
 _AE_ALLOWED = "an AE title of 1-16 characters, no backslash or control characters"
 _SERVICES_ALLOWED = "a list of " + ", ".join(s.value for s in Service)
 _TOP_KEYS = tuple(f.name for f in fields(Config) if f.name != "source")
+_SCOPES_ALLOWED = "one of " + ", ".join(s.value for s in WorklistScope)
 
 
 def _peers(reader: _Reader) -> dict[str, Peer]:
@@ -314,7 +356,9 @@ def _peers(reader: _Reader) -> dict[str, Peer]:
         if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
             raise reader.fail("peers", "peer names are 1-64 letters, digits, '_', '.', '-'", name)
         sub = _Reader(settings, reader.where, f"peers.{name}.")
-        sub.check_keys(("ae_title", "host", "port", "services", "move_destinations"))
+        sub.check_keys(
+            ("ae_title", "host", "port", "services", "move_destinations", "worklist_scope")
+        )
         for required in ("ae_title", "host", "port"):
             if required not in sub.data:
                 raise ConfigError(f"{reader.where}: key 'peers.{name}.{required}' is required")
@@ -334,6 +378,7 @@ def _peers(reader: _Reader) -> dict[str, Peer]:
                 ),
                 "a list of peer names",
             ),
+            worklist_scope=sub.get("worklist_scope", None, _enum(WorklistScope), _SCOPES_ALLOWED),
         )
     for peer in peers.values():
         unknown = sorted((peer.move_destinations or frozenset()) - set(peers))
@@ -371,6 +416,9 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
     query = top.sub("query")
     query.check_keys(tuple(f.name for f in fields(QuerySettings)))
     dq = QuerySettings()
+    worklist = top.sub("worklist")
+    worklist.check_keys(tuple(f.name for f in fields(WorklistSettings)))
+    dw = WorklistSettings()
     return Config(
         ae_title=top.get("ae_title", d.ae_title, _ae_title, _AE_ALLOWED),
         host=top.get("host", d.host, _text, "a host name or address to listen on"),
@@ -430,6 +478,23 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
             ),
             max_matches=query.get(
                 "max_matches", dq.max_matches, _int_in(1, 10_000_000), "an integer 1-10000000"
+            ),
+        ),
+        worklist=WorklistSettings(
+            expire_after_days=worklist.get(
+                "expire_after_days",
+                dw.expire_after_days,
+                _int_in(0, 36500),
+                "a number of days from 0 (never) to 36500",
+            ),
+            hide_completed=worklist.get(
+                "hide_completed",
+                dw.hide_completed,
+                lambda v: v if isinstance(v, bool) else None,
+                "true or false",
+            ),
+            default_scope=worklist.get(
+                "default_scope", dw.default_scope, _enum(WorklistScope), _SCOPES_ALLOWED
             ),
         ),
     )

@@ -411,7 +411,8 @@ def load_policy(path: Path | None) -> Policy:
 
 # The built-in default, identical to config/conformance.yaml (a test keeps them equal): every
 # standard storage SOP class in every transfer syntax we can store as received, explicit VR little
-# endian preferred; Verification; both roles agreed for storage so C-GET requestors can receive.
+# endian preferred; Verification; Q/R FIND/MOVE/GET; Modality Worklist FIND and MPPS; both roles
+# agreed for storage so C-GET requestors can receive.
 DEFAULT_CONFORMANCE: Mapping[str, Any] = {
     "accept": [
         {
@@ -430,6 +431,13 @@ DEFAULT_CONFORMANCE: Mapping[str, Any] = {
                 "StudyRootQueryRetrieveInformationModelMove",
                 "PatientRootQueryRetrieveInformationModelGet",
                 "StudyRootQueryRetrieveInformationModelGet",
+            ],
+            "transfer_syntaxes": ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"],
+        },
+        {
+            "sop_classes": [
+                "ModalityWorklistInformationModelFind",
+                "ModalityPerformedProcedureStep",
             ],
             "transfer_syntaxes": ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"],
         },

@@ -39,6 +39,10 @@ SOP_CLASSES: dict[tuple[Model, Operation], str] = {
     (Model.STUDY_ROOT, Operation.MOVE): "1.2.840.10008.5.1.4.1.2.2.2",
     (Model.STUDY_ROOT, Operation.GET): "1.2.840.10008.5.1.4.1.2.2.3",
 }
+# PS3.4 K.6.1.3: Modality Worklist Information Model - FIND, the other C-FIND model the node
+# serves (Basic Worklist Management; one level, no Query/Retrieve Level).
+MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
+
 _BY_UID = {uid: key for key, uid in SOP_CLASSES.items()}
 
 # The levels of each model, top first (Study Root has no patient level, PS3.4 C.6.2.1).

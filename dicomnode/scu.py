@@ -60,7 +60,7 @@ from pynetdicom.presentation import PresentationContext, build_context, build_ro
 
 from dicomnode.config import Config, Peer, valid_ae_title
 from dicomnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, new_ae
-from dicomnode.qr import SOP_CLASSES, Level, Model, Operation
+from dicomnode.qr import MODALITY_WORKLIST_FIND, SOP_CLASSES, Level, Model, Operation
 from dicomnode.status import Category, Status, category
 from dicomnode.storage import fsync_dir
 
@@ -903,17 +903,33 @@ def query_keys(specs: Iterable[str]) -> Dataset:
 
 def _identifier(level: Level, keys: Dataset) -> Dataset:
     """``keys`` with the Query/Retrieve Level (PS3.4 C.4.1.1.3.1) and, when a value needs it,
-    Specific Character Set (0008,0005) UTF-8 (PS3.4 C.4.1.1.3.1: present only if a value is
-    outside the default repertoire)."""
+    Specific Character Set (see :func:`with_character_set`)."""
     identifier = Dataset()
     identifier.update(keys)
     identifier.QueryRetrieveLevel = level.value
-    if _SPECIFIC_CHARACTER_SET not in identifier and any(
-        element.VR in _TEXT_VRS and element.value is not None and not str(element.value).isascii()
-        for element in identifier
-    ):
+    return with_character_set(identifier)
+
+
+def with_character_set(identifier: Dataset) -> Dataset:
+    """``identifier`` with Specific Character Set (0008,0005) UTF-8 when a value, in a sequence
+    item too, is outside the default repertoire (PS3.4 C.4.1.1.3.1: present only then)."""
+    if _SPECIFIC_CHARACTER_SET not in identifier and not _ascii_only(identifier):
         identifier.SpecificCharacterSet = _UTF8
     return identifier
+
+
+def _ascii_only(ds: Dataset) -> bool:
+    for element in ds:
+        if element.VR == "SQ":
+            if not all(_ascii_only(item) for item in element.value or []):
+                return False
+        elif (
+            element.VR in _TEXT_VRS
+            and element.value is not None
+            and not str(element.value).isascii()
+        ):
+            return False
+    return True
 
 
 @dataclass
@@ -1174,7 +1190,32 @@ def find(
     """
     check_level(model, level)
     sop_class = qr_sop_class(model, Operation.FIND)
-    identifier = _identifier(level, keys)
+    return _find(config, peer, sop_class, _identifier(level, keys), on_match, cancel)
+
+
+def worklist_find(
+    config: Config,
+    peer: Peer,
+    identifier: Dataset,
+    *,
+    on_match: MatchCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> FindReport:
+    """Modality Worklist C-FIND (PS3.4 K.4.1) with ``identifier`` (no Query/Retrieve Level:
+    the worklist model has one level; the step keys sit in the Scheduled Procedure Step
+    Sequence item). Matches, cancelling and the report are as for :func:`find`."""
+    sop_class = UID(MODALITY_WORKLIST_FIND)
+    return _find(config, peer, sop_class, with_character_set(identifier), on_match, cancel)
+
+
+def _find(
+    config: Config,
+    peer: Peer,
+    sop_class: UID,
+    identifier: Dataset,
+    on_match: MatchCallback | None,
+    cancel: threading.Event | None,
+) -> FindReport:
     report = FindReport(peer=peer, service=Operation.FIND)
 
     def request(assoc: Association, message_id: int) -> _Responses:

@@ -15,7 +15,13 @@ class Status(IntEnum):
     """The statuses this node sends or interprets."""
 
     SUCCESS = 0x0000
-    # PS3.7 Annex C: general failures shared by the DIMSE services
+    # PS3.7 Annex C: general statuses shared by the DIMSE services
+    NO_SUCH_ATTRIBUTE = 0x0105
+    INVALID_ATTRIBUTE_VALUE = 0x0106
+    PROCESSING_FAILURE = 0x0110
+    NO_SUCH_SOP_INSTANCE = 0x0112
+    MISSING_ATTRIBUTE = 0x0120
+    MISSING_ATTRIBUTE_VALUE = 0x0121
     # Same SOP Instance UID, different content, duplicates policy "reject" (PS3.7 C.5: the
     # general "Duplicate SOP Instance" failure).
     DUPLICATE_SOP_INSTANCE = 0x0111
@@ -25,6 +31,7 @@ class Status(IntEnum):
     DUPLICATE_INVOCATION = 0x0210
     UNRECOGNIZED_OPERATION = 0x0211
     MISTYPED_ARGUMENT = 0x0212
+    RESOURCE_LIMITATION = 0x0213
     # PS3.4 B.2.3: Storage Service Class
     OUT_OF_RESOURCES = 0xA700  # free space under the floor, or the file could not be written
     # A7xx sub-code: the file was written but the index write failed (database locked or failing);
@@ -69,12 +76,19 @@ class ExitCode(IntEnum):
 
 _DESCRIPTIONS: dict[int, str] = {
     Status.SUCCESS: "Success",
+    Status.NO_SUCH_ATTRIBUTE: "Failure: no such attribute",
+    Status.INVALID_ATTRIBUTE_VALUE: "Failure: invalid attribute value",
+    Status.PROCESSING_FAILURE: "Failure: processing failure",
+    Status.NO_SUCH_SOP_INSTANCE: "Failure: no such SOP instance",
+    Status.MISSING_ATTRIBUTE: "Failure: missing attribute",
+    Status.MISSING_ATTRIBUTE_VALUE: "Failure: missing attribute value",
     Status.INVALID_OBJECT_INSTANCE: "Failure: invalid SOP instance",
     Status.SOP_CLASS_NOT_SUPPORTED: "Refused: SOP class not supported",
     Status.NOT_AUTHORIZED: "Refused: not authorized",
     Status.DUPLICATE_INVOCATION: "Failure: duplicate invocation",
     Status.UNRECOGNIZED_OPERATION: "Failure: unrecognized operation",
     Status.MISTYPED_ARGUMENT: "Failure: mistyped argument",
+    Status.RESOURCE_LIMITATION: "Failure: resource limitation",
     Status.DUPLICATE_SOP_INSTANCE: "Failure: duplicate SOP instance",
     Status.OUT_OF_RESOURCES_INDEX: "Refused: out of resources (index unavailable)",
     Status.CANCEL: "Cancelled",

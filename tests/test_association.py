@@ -20,6 +20,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
+MPPS_NOTIFICATION = "1.2.840.10008.3.1.2.3.5"  # no N-EVENT-REPORT SCP here: not in the policy
 EXPLICIT, IMPLICIT = UNCOMPRESSED
 
 
@@ -36,6 +37,7 @@ def test_default_policy_prefers_explicit_and_keeps_compressed(node: RunningNode)
         (CT, [str(JPEG2000Lossless)]),
         (STUDY_FIND, [IMPLICIT]),
         (WORKLIST_FIND, [IMPLICIT]),
+        (MPPS_NOTIFICATION, [IMPLICIT]),
     ]
     with associate(node, contexts) as assoc:
         assert assoc.is_established
@@ -43,10 +45,14 @@ def test_default_policy_prefers_explicit_and_keeps_compressed(node: RunningNode)
         # Our own implementation identity, never pynetdicom's.
         assert assoc.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
         assert assoc.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
-    log = node.wait_for_log("ModalityWorklistInformationModelFind: rejected")
+    log = node.wait_for_log("ModalityPerformedProcedureStepNotification: rejected")
     assert "SOP class not in the conformance policy (offered ImplicitVRLittleEndian)" in log
-    # An unknown caller may echo and store only (unknown_peers): no queries.
+    # An unknown caller may echo and store only (unknown_peers): no queries, no worklist.
     assert "StudyRootQueryRetrieveInformationModelFind: rejected, calling AE may not use" in log
+    assert (
+        "ModalityWorklistInformationModelFind: rejected, calling AE may not use the "
+        "'worklist' service"
+    ) in log
     assert "association from TESTSCU at 127.0.0.1:" in log
 
 

@@ -25,6 +25,8 @@ def downgrade_to_v1(database: Path) -> None:
     con = sqlite3.connect(database)
     con.executescript(
         """
+        DROP TABLE worklist_item;
+        DROP TABLE performed_step;
         DROP INDEX patient_birth_date;
         DROP TABLE person_name;
         DROP INDEX study_study_datetime;
@@ -68,7 +70,10 @@ def test_v1_index_is_migrated_and_queryable(tmp_path: Path) -> None:
 def downgrade_to_v2(database: Path) -> None:
     """Turn a current index back into exactly the version 2 schema."""
     con = sqlite3.connect(database)
-    con.executescript("DROP INDEX patient_birth_date; PRAGMA user_version = 2;")
+    con.executescript(
+        "DROP TABLE worklist_item; DROP TABLE performed_step; "
+        "DROP INDEX patient_birth_date; PRAGMA user_version = 2;"
+    )
     con.close()
 
 
@@ -84,7 +89,7 @@ def test_v2_index_gets_the_birth_date_index(tmp_path: Path) -> None:
     downgrade_to_v2(root / "index.sqlite")
     with run_node(root, **settings) as node:
         assert f"at schema version {SCHEMA_VERSION} (was 2)" in node.log()
-        assert node.rows("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
+        assert node.rows("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 4
         indexes = {r["name"] for r in node.rows("PRAGMA index_list(patient)")}
         assert "patient_birth_date" in indexes
         (plan,) = node.rows(

@@ -40,6 +40,8 @@ STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # StudyRootQueryRetrieveInformationM
 PATIENT_GET = "1.2.840.10008.5.1.4.1.2.1.3"  # PatientRootQueryRetrieveInformationModelGet
 WORKLIST_FIND = "1.2.840.10008.5.1.4.31"  # ModalityWorklistInformationFind
 MPPS = "1.2.840.10008.3.1.2.3.3"  # ModalityPerformedProcedureStep
+MPPS_RETRIEVE = "1.2.840.10008.3.1.2.3.4"  # N-GET: no SCP for it, so not in the default policy
+MPPS_NOTIFICATION = "1.2.840.10008.3.1.2.3.5"
 REPOSITORY_QUERY = "1.2.840.10008.5.1.4.1.1.201.6"  # RepositoryQuery (a C-FIND SOP class)
 # Transfer syntaxes
 IMPLICIT = "1.2.840.10008.1.2"
@@ -113,13 +115,27 @@ def test_default_verification_accepts_only_little_endian_uncompressed() -> None:
     )
 
 
-@pytest.mark.parametrize("sop_class", ["1.2.3.4.5", REPOSITORY_QUERY, WORKLIST_FIND, MPPS])
+@pytest.mark.parametrize(
+    "sop_class", ["1.2.3.4.5", REPOSITORY_QUERY, MPPS_RETRIEVE, MPPS_NOTIFICATION]
+)
 def test_unknown_or_unsupported_sop_class_is_rejected_with_the_reason(sop_class: str) -> None:
     profile = default_policy().profile("ANYONE", EVERYTHING)
     decision = profile.decide(7, sop_class, [EXPLICIT])
     assert not decision.accepted
     assert decision.transfer_syntax is None
     assert decision.reason == "SOP class not in the conformance policy"
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "service"), [(WORKLIST_FIND, Service.WORKLIST), (MPPS, Service.MPPS)]
+)
+def test_default_accepts_worklist_and_mpps_for_callers_allowed_them(
+    sop_class: str, service: Service
+) -> None:
+    allowed = default_policy().profile("SCANNER", frozenset({service}))
+    assert allowed.decide(1, sop_class, [IMPLICIT, EXPLICIT]).transfer_syntax == EXPLICIT
+    refused = default_policy().profile("ANYONE", ECHO_STORE).decide(1, sop_class, [EXPLICIT])
+    assert refused.reason == f"calling AE may not use the '{service.value}' service"
 
 
 def test_sop_class_of_a_service_the_caller_may_not_use_is_rejected() -> None:

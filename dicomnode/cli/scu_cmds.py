@@ -314,6 +314,11 @@ def _cell(element: DataElement | None) -> str:
 def _table(columns: list[BaseTag], matches: list[Dataset]) -> str:
     headers = [keyword_for_tag(tag) or str(tag) for tag in columns]
     rows = [[_cell(match.get(tag)) for tag in columns] for match in matches]
+    return _text_table(headers, rows)
+
+
+def _text_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to the widest cell, as a terminal shows them (wide characters count 2)."""
     widths = [
         max([_display_width(h), *(_display_width(r[i]) for r in rows)])
         for i, h in enumerate(headers)

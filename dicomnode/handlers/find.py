@@ -12,9 +12,10 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.events import Event
 
 from dicomnode.archive import TooManyMatches
+from dicomnode.handlers.worklist import handle_worklist_find
 from dicomnode.index.query import QueryError, for_transfer_syntax
 from dicomnode.policy import uid_name
-from dicomnode.qr import Operation, model_of
+from dicomnode.qr import MODALITY_WORKLIST_FIND, Operation, model_of
 from dicomnode.status import Status, describe
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ def handle_find(event: Event, node: Node) -> Iterator[Response]:
     request = cast(C_FIND, event.request)
     calling = node.calling_ae_title(event.assoc)
     sop_class = str(request.AffectedSOPClassUID or "")
+    if sop_class == MODALITY_WORKLIST_FIND:
+        yield from handle_worklist_find(event, node)
+        return
     model = model_of(sop_class, Operation.FIND)
     if model is None:
         yield _failed(calling, Status.SOP_CLASS_NOT_SUPPORTED, f"{uid_name(sop_class)} model")

@@ -32,15 +32,25 @@ from dicomnode.index.models import (
     BaseModel,
     Instance,
     Patient,
+    PerformedItem,
+    PerformedStep,
     PersonName,
     Series,
     Study,
+    WorklistItem,
 )
 from dicomnode.qr import Level
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DuplicateInstance", "Index", "IndexError_", "InstanceRecord", "NewInstance"]
+__all__ = [
+    "DuplicateInstance",
+    "DuplicateStep",
+    "Index",
+    "IndexError_",
+    "InstanceRecord",
+    "NewInstance",
+]
 
 
 class IndexError_(RuntimeError):
@@ -246,6 +256,103 @@ class Index:
         except (pw.PeeweeException, sqlite3.Error) as exc:
             raise IndexError_(f"index write failed: {exc}") from exc
 
+    # --- Modality Worklist and MPPS (dicomnode.worklist, dicomnode.mpps) -------------------
+
+    def add_worklist_items(self, rows: list[dict[str, Any]]) -> list[int]:
+        """Insert worklist items, all or none, in one transaction; returns their ids."""
+        db = self._database()
+        try:
+            with db.connection_context(), db.atomic():
+                con = db.connection()
+                return [_insert(con, WorklistItem, row) for row in rows]
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            raise IndexError_(f"index write failed: {exc}") from exc
+
+    def worklist_rows(self, condition: Any = None, limit: int | None = None) -> Iterator[Any]:
+        """Worklist items (model rows) meeting ``condition``, in scheduled order, streamed."""
+        with self._database().connection_context():
+            query = WorklistItem.select().order_by(
+                WorklistItem.start_date, WorklistItem.start_time, WorklistItem.id
+            )
+            if condition is not None:
+                query = query.where(condition)
+            if limit is not None:
+                query = query.limit(limit)
+            yield from query.iterator()
+
+    def remove_worklist_items(self, condition: Any) -> int:
+        """Delete the worklist items meeting ``condition``; returns how many."""
+        db = self._database()
+        try:
+            with db.connection_context(), db.atomic():
+                return int(WorklistItem.delete().where(condition).execute())
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            raise IndexError_(f"index write failed: {exc}") from exc
+
+    def performed_items(self, sop_instance_uid: str) -> list[int]:
+        """The ids of the worklist items a performed step reported on."""
+        with self._database().connection_context():
+            query = (
+                PerformedItem.select(PerformedItem.item_id)
+                .join(PerformedStep)
+                .where(PerformedStep.sop_instance_uid == sop_instance_uid)
+                .order_by(PerformedItem.item_id)
+            )
+            return [row.item_id for row in query]
+
+    def performed_steps(self, condition: Any = None) -> list[Any]:
+        """Performed procedure steps (model rows), oldest first."""
+        with self._database().connection_context():
+            query = PerformedStep.select().order_by(PerformedStep.created_at, PerformedStep.id)
+            if condition is not None:
+                query = query.where(condition)
+            return list(query)
+
+    def create_performed_step(
+        self, row: dict[str, Any], link: Callable[[sqlite3.Connection, int], int]
+    ) -> int:
+        """Insert a performed step and, in the same transaction, let ``link`` update the worklist
+        items it performs (given the new row's id; returns how many it linked). Raises
+        :class:`DuplicateStep` when the SOP Instance UID exists already."""
+        db = self._database()
+        try:
+            with db.connection_context(), db.atomic():
+                con = db.connection()
+                if con.execute(
+                    "SELECT 1 FROM performed_step WHERE sop_instance_uid = ?",
+                    (row["sop_instance_uid"],),
+                ).fetchone():
+                    raise DuplicateStep(row["sop_instance_uid"])
+                return link(con, _insert(con, PerformedStep, row))
+        except DuplicateStep:
+            raise
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            raise IndexError_(f"index write failed: {exc}") from exc
+
+    def update_performed_step(
+        self, sop_instance_uid: str, change: Callable[[Any, sqlite3.Connection], dict[str, Any]]
+    ) -> Any:
+        """Read the performed step, let ``change`` check the change and return the new column
+        values (it may raise to refuse, and may update linked worklist items on the connection),
+        and write them; all in one write transaction, so two N-SETs of the same step on two
+        workers are decided one after the other. Returns the row as it was; None when there is
+        no such step (nothing written)."""
+        db = self._database()
+        try:
+            with db.connection_context(), db.atomic():
+                row = PerformedStep.get_or_none(PerformedStep.sop_instance_uid == sop_instance_uid)
+                if row is None:
+                    return None
+                values = change(row, db.connection())
+                PerformedStep.update(**values).where(PerformedStep.id == row.id).execute()
+                return row
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            raise IndexError_(f"index write failed: {exc}") from exc
+
+
+class DuplicateStep(Exception):
+    """A performed procedure step with this SOP Instance UID exists already."""
+
 
 # --- the C-STORE write path, in plain SQL ------------------------------------------------------
 #
@@ -392,5 +499,14 @@ def _v2_to_v3(db: PooledSqliteDatabase) -> None:
     db.execute_sql("CREATE INDEX IF NOT EXISTS patient_birth_date ON patient (birth_date)")
 
 
+def _v3_to_v4(db: PooledSqliteDatabase) -> None:
+    """Add the Modality Worklist and MPPS tables (empty)."""
+    db.create_tables([WorklistItem, PerformedStep, PerformedItem])
+
+
 # _MIGRATIONS[v - 1] takes an index from schema version v to v + 1.
-_MIGRATIONS: tuple[Callable[[PooledSqliteDatabase], None], ...] = (_v1_to_v2, _v2_to_v3)
+_MIGRATIONS: tuple[Callable[[PooledSqliteDatabase], None], ...] = (
+    _v1_to_v2,
+    _v2_to_v3,
+    _v3_to_v4,
+)

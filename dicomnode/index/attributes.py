@@ -163,3 +163,66 @@ _EXTRACTED: dict[Level, tuple[tuple[int, str, bool], ...]] = {
     )
     for level in Level
 }
+
+
+# --- Modality Worklist (PS3.4 K.6) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorklistAttribute:
+    """An attribute of the Modality Worklist Information Model (PS3.4 K.6.1.2, Table K.6-1).
+
+    ``in_step``: it sits inside the item of the Scheduled Procedure Step Sequence (0040,0100),
+    not at the top level. ``column``: the worklist_item column that holds it for matching in
+    SQL and for listing ("" when only the stored data set holds it). ``required_key``: a
+    matching key every SCP must support ("R" in Table K.6-1); the others ("O") match too.
+    """
+
+    keyword: str
+    column: str = ""
+    in_step: bool = False
+    required_key: bool = False
+
+
+STEP_SEQUENCE = "ScheduledProcedureStepSequence"
+
+WORKLIST_ATTRIBUTES: tuple[WorklistAttribute, ...] = (
+    # Scheduled Procedure Step (K.6-1): one item per step.
+    WorklistAttribute("ScheduledStationAETitle", "station_aet", True, True),
+    WorklistAttribute("ScheduledProcedureStepStartDate", "start_date", True, True),
+    WorklistAttribute("ScheduledProcedureStepStartTime", "start_time", True, True),
+    WorklistAttribute("Modality", "modality", True, True),
+    WorklistAttribute("ScheduledPerformingPhysicianName", "performing_physician", True, True),
+    WorklistAttribute("ScheduledProcedureStepDescription", "step_description", True),
+    WorklistAttribute("ScheduledStationName", "station_name", True),
+    WorklistAttribute("ScheduledProcedureStepLocation", "", True),
+    WorklistAttribute("ScheduledProtocolCodeSequence", "", True),
+    WorklistAttribute("ScheduledProcedureStepID", "step_id", True),
+    WorklistAttribute("ScheduledProcedureStepStatus", "step_status", True),
+    # Requested Procedure
+    WorklistAttribute("RequestedProcedureID", "requested_procedure_id"),
+    WorklistAttribute("RequestedProcedureDescription", "requested_procedure_description"),
+    WorklistAttribute("RequestedProcedureCodeSequence"),
+    WorklistAttribute("StudyInstanceUID", "study_uid"),
+    WorklistAttribute("RequestedProcedurePriority"),
+    # Imaging Service Request
+    WorklistAttribute("AccessionNumber", "accession_number", required_key=True),
+    WorklistAttribute("RequestingPhysician"),
+    WorklistAttribute("ReferringPhysicianName"),
+    # Visit
+    WorklistAttribute("AdmissionID"),
+    WorklistAttribute("CurrentPatientLocation"),
+    # Patient
+    WorklistAttribute("PatientName", "patient_name", required_key=True),
+    WorklistAttribute("PatientID", "patient_id", required_key=True),
+    WorklistAttribute("IssuerOfPatientID"),
+    WorklistAttribute("OtherPatientIDsSequence"),
+    WorklistAttribute("PatientBirthDate", "birth_date"),
+    WorklistAttribute("PatientSex", "sex"),
+    WorklistAttribute("PatientWeight"),
+    WorklistAttribute("MedicalAlerts"),
+    WorklistAttribute("Allergies"),
+    WorklistAttribute("PregnancyStatus"),
+)
+WORKLIST_BY_KEYWORD = {a.keyword: a for a in WORKLIST_ATTRIBUTES}
+STEP_KEYWORDS = frozenset(a.keyword for a in WORKLIST_ATTRIBUTES if a.in_step)

@@ -10,7 +10,8 @@ import peewee as pw
 
 # 1: the hierarchy. 2: person_name keys and study.study_datetime, for C-FIND matching.
 # 3: an index on patient.birth_date (PatientBirthDate ranges without a scan).
-SCHEMA_VERSION = 3
+# 4: worklist_item, performed_step and performed_item (Modality Worklist, MPPS).
+SCHEMA_VERSION = 4
 
 
 class BaseModel(pw.Model):
@@ -93,4 +94,79 @@ class PersonName(BaseModel):
         )
 
 
-MODELS: tuple[type[BaseModel], ...] = (Patient, Study, Series, Instance, PersonName)
+class WorklistItem(BaseModel):
+    """One scheduled procedure step of the Modality Worklist (PS3.4 K.6): the columns its
+    queries match on in SQL (``attributes.WORKLIST_ATTRIBUTES``), and the whole item as a data
+    set (Explicit VR Little Endian, UTF-8 text), which answers every other key."""
+
+    patient_id = pw.TextField(default="", index=True)
+    patient_name = pw.TextField(default="")
+    birth_date = pw.TextField(default="")
+    sex = pw.TextField(default="")
+    accession_number = pw.TextField(default="", index=True)
+    study_uid = pw.TextField(default="", index=True)
+    requested_procedure_id = pw.TextField(default="")
+    requested_procedure_description = pw.TextField(default="")
+    # The Scheduled Procedure Step Sequence item's attributes.
+    station_aet = pw.TextField(default="", index=True)
+    station_name = pw.TextField(default="")
+    start_date = pw.TextField(default="", index=True)
+    start_time = pw.TextField(default="")
+    modality = pw.TextField(default="", index=True)
+    performing_physician = pw.TextField(default="")
+    step_id = pw.TextField(default="")
+    step_description = pw.TextField(default="")
+    step_status = pw.TextField(default="")
+    dataset = pw.BlobField()
+    # The SOP Instance UID of the performed procedure step that last reported this step (the
+    # one the status follows), if any; performed_item keeps every one.
+    mpps_uid = pw.TextField(default="", index=True)
+    created_at = pw.TextField()  # ISO 8601, UTC
+    updated_at = pw.TextField()
+
+
+class PerformedStep(BaseModel):
+    """A Modality Performed Procedure Step instance (PS3.4 F.7) as N-CREATE made it and N-SET
+    changed it: the columns ``dicomnode mpps list`` shows, and the whole attribute list."""
+
+    sop_instance_uid = pw.TextField(unique=True)
+    status = pw.TextField()  # IN PROGRESS, COMPLETED, DISCONTINUED
+    pps_id = pw.TextField(default="")
+    station_aet = pw.TextField(default="")
+    modality = pw.TextField(default="")
+    start_date = pw.TextField(default="")
+    start_time = pw.TextField(default="")
+    end_date = pw.TextField(default="")
+    end_time = pw.TextField(default="")
+    description = pw.TextField(default="")
+    patient_id = pw.TextField(default="")
+    patient_name = pw.TextField(default="")
+    study_uid = pw.TextField(default="", index=True)
+    accession_number = pw.TextField(default="")
+    calling_ae_title = pw.TextField(default="")
+    dataset = pw.BlobField()
+    created_at = pw.TextField()
+    updated_at = pw.TextField()
+
+
+class PerformedItem(BaseModel):
+    """Which worklist items a performed step reported on (kept when a later step takes an item
+    over, or the item expires): ``dicomnode mpps show`` lists them."""
+
+    step = pw.ForeignKeyField(PerformedStep, backref="items", on_delete="CASCADE")
+    item_id = pw.IntegerField(index=True)  # worklist_item.id; the item may be gone since
+
+    class Meta:
+        indexes = ((("step", "item_id"), True),)
+
+
+MODELS: tuple[type[BaseModel], ...] = (
+    Patient,
+    Study,
+    Series,
+    Instance,
+    PersonName,
+    WorklistItem,
+    PerformedStep,
+    PerformedItem,
+)

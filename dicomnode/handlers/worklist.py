@@ -1,0 +1,74 @@
+"""Modality Worklist C-FIND SCP (PS3.4 K.4.1): the worklist answers, this adapter streams them.
+
+The Basic Worklist Management service class reaches us through the same EVT_C_FIND as the
+Query/Retrieve models; :func:`dicomnode.handlers.find.handle_find` hands its SOP class here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from pydicom.dataset import Dataset
+from pynetdicom.events import Event
+
+from dicomnode.archive import PARSE_ERRORS
+from dicomnode.index import IndexError_
+from dicomnode.index.query import QueryError
+from dicomnode.qr import Operation
+from dicomnode.status import Status, describe
+from dicomnode.worklist import TooManyItems
+
+if TYPE_CHECKING:
+    from dicomnode.ae import Node
+
+log = logging.getLogger(__name__)
+
+Response = tuple[Status, Dataset | None]
+
+
+def handle_worklist_find(event: Event, node: Node) -> Iterator[Response]:
+    calling = node.calling_ae_title(event.assoc)
+    try:
+        answers = node.archive.worklist.find(event.identifier, calling)
+    except QueryError as exc:
+        status = (
+            Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+            if exc.hierarchy
+            else Status.UNABLE_TO_PROCESS
+        )
+        yield _failed(calling, status, exc.reason)
+        return
+    except TooManyItems as exc:
+        yield _failed(calling, Status.OUT_OF_RESOURCES, str(exc))
+        return
+    except IndexError_ as exc:
+        yield _failed(calling, Status.OUT_OF_RESOURCES, str(exc))
+        return
+    except PARSE_ERRORS as exc:  # pydicom decodes the identifier only now
+        yield _failed(
+            calling,
+            Status.UNABLE_TO_PROCESS,
+            f"the identifier cannot be decoded: {type(exc).__name__}",
+        )
+        return
+    for sent, answer in enumerate(answers):
+        # PS3.4 C.4.1.2.3 (K.4.1.2.3 follows it): a C-CANCEL ends the matching.
+        if event.is_cancelled:
+            log.info("worklist C-FIND from %s cancelled after %d items", calling, sent)
+            yield Status.CANCEL, None
+            return
+        yield Status.PENDING, answer
+    log.info("worklist C-FIND from %s: %d items", calling, len(answers))
+    yield Status.SUCCESS, None
+
+
+def _failed(calling: str, status: Status, reason: str) -> Response:
+    log.warning(
+        "worklist C-FIND from %s failed, %s: %s",
+        calling,
+        describe(status, Operation.FIND),
+        reason,
+    )
+    return status, None

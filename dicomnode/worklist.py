@@ -270,10 +270,12 @@ def normalise(ds: Dataset, where: str) -> list[Dataset]:
             f"({', '.join(REQUIRED_IN_STEP)} at least)"
         )
     if not text_value(item.get("StudyInstanceUID")):
-        item.StudyInstanceUID = generate_uid()
+        # A 2.25 UID from a random UUID (PS3.5 B.2): no organisation root borrowed.
+        item.StudyInstanceUID = generate_uid(prefix=None)
     if not text_value(item.get("RequestedProcedureID")):
         item.RequestedProcedureID = _new_id()
     _check_values(item, where)
+    del item[_STEP_TAG]  # each step gets a copy of the rest, not of every other step
     result = []
     for i, step in enumerate(steps):
         here = f"{where}: {STEP_SEQUENCE}[{i}]"
@@ -282,7 +284,7 @@ def normalise(ds: Dataset, where: str) -> list[Dataset]:
                 raise WorklistError(f"{here}: {keyword} is required")
         _check_values(step, here)
         one = copy.deepcopy(item)
-        single = copy.deepcopy(step)
+        single = step
         if not text_value(single.get("ScheduledProcedureStepID")):
             single.ScheduledProcedureStepID = _new_id()
         if not text_value(single.get("ScheduledProcedureStepStatus")):

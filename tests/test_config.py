@@ -19,8 +19,11 @@ from dicomnode.config import (
     DuplicatePolicy,
     Limits,
     Peer,
+    QuerySettings,
     Service,
     StoreSettings,
+    WorklistScope,
+    WorklistSettings,
     load_config,
     parse_config,
     parse_size,
@@ -172,6 +175,12 @@ def test_reference_config_values_are_the_defaults_except_documented() -> None:
         assert getattr(config.limits, f.name) == getattr(Limits(), f.name), f"limits.{f.name}"
     for f in fields(StoreSettings):
         assert getattr(config.store, f.name) == getattr(StoreSettings(), f.name), f"store.{f.name}"
+    for f in fields(QuerySettings):
+        assert getattr(config.query, f.name) == getattr(QuerySettings(), f.name), f"query.{f.name}"
+    for f in fields(WorklistSettings):
+        assert getattr(config.worklist, f.name) == getattr(WorklistSettings(), f.name), (
+            f"worklist.{f.name}"
+        )
 
     # The documented exceptions, exactly.
     assert config.storage_dir.resolve() == REPO / "var" / "storage"
@@ -195,6 +204,8 @@ def test_reference_config_lists_every_key() -> None:
     assert set(raw) == {f.name for f in fields(Config)} - {"source"}
     assert set(raw["limits"]) == {f.name for f in fields(Limits)}
     assert set(raw["store"]) == {f.name for f in fields(StoreSettings)}
+    assert set(raw["query"]) == {f.name for f in fields(QuerySettings)}
+    assert set(raw["worklist"]) == {f.name for f in fields(WorklistSettings)}
     assert set(raw["peers"]) == {"PACS"}
     assert set(raw["peers"]["PACS"]) == {"ae_title", "host", "port", "services"}
 
@@ -206,6 +217,8 @@ def test_reference_config_comments_every_key() -> None:
         {f.name for f in fields(Config)}
         | {f.name for f in fields(Limits)}
         | {f.name for f in fields(StoreSettings)}
+        | {f.name for f in fields(QuerySettings)}
+        | {f.name for f in fields(WorklistSettings)}
         | {"ae_title", "host", "port", "services"}
     ) - {"source"}
     sections = {"limits", "store"}
@@ -395,6 +408,14 @@ BAD_VALUES = [
         "peer names are 1-64 letters, digits, '_', '.', '-'",
     ),
     ("peers: [PACS]\n", "peers", "must be a mapping of peer name to settings"),
+    (PEER + "    worklist_scope: mine\n", "peers.PACS.worklist_scope", "one of all, own"),
+    (
+        "worklist: {expire_after_days: -1}\n",
+        "worklist.expire_after_days",
+        "a number of days from 0 (never) to 36500",
+    ),
+    ("worklist: {hide_completed: 'yes'}\n", "worklist.hide_completed", "true or false"),
+    ("worklist: {default_scope: OWN}\n", "worklist.default_scope", "one of all, own"),
 ]
 
 
@@ -425,6 +446,11 @@ UNKNOWN_KEYS = [
         "max_associations, max_pdu_size, acse_timeout, dimse_timeout, network_timeout",
     ),
     ("store: {duplicate: keep}\n", "store.duplicate", "duplicates, min_free_space"),
+    (
+        "worklist: {expiry: 3}\n",
+        "worklist.expiry",
+        "expire_after_days, hide_completed, default_scope",
+    ),
     (PEER + "    hostname: x\n", "peers.PACS.hostname", "ae_title, host, port, services"),
 ]
 
@@ -707,6 +733,22 @@ def test_services_for_known_and_unknown_ae_titles(two_peers: Config) -> None:
     assert two_peers.services_for("STRANGER") == frozenset({Service.ECHO})
     assert two_peers.peer_by_ae_title("ARCHIVE2") is two_peers.peers["archive-2"]
     assert two_peers.peer_by_ae_title("archive-2") is None
+
+
+def test_worklist_scope_per_peer_else_the_default(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path,
+        "worklist: {default_scope: own}\n"
+        "peers:\n"
+        "  CT1: {ae_title: CT1, host: ct1, port: 104, worklist_scope: all}\n"
+        "  MR1: {ae_title: MR1, host: mr1, port: 104}\n",
+    )
+    assert config.peers["CT1"].worklist_scope is WorklistScope.ALL
+    assert config.peers["MR1"].worklist_scope is None
+    assert config.worklist_scope_for("CT1") is WorklistScope.ALL
+    assert config.worklist_scope_for("MR1") is WorklistScope.OWN
+    assert config.worklist_scope_for("STRANGER") is WorklistScope.OWN
+    assert Config().worklist_scope_for("ANYONE") is WorklistScope.ALL
 
 
 def test_services_for_unknown_caller_uses_the_default() -> None:

@@ -159,7 +159,15 @@ def test_default_policy_contents() -> None:
     policy = default_policy()
     qr = "1.2.840.10008.5.1.4.1.2."
     find_models = tuple(qr + m for m in ("1.1", "2.1", "1.2", "2.2", "1.3", "2.3"))
-    assert tuple(policy.accept) == (VERIFICATION, *SOP_CLASS_GROUPS["storage"], *find_models)
+    assert tuple(policy.accept) == (
+        VERIFICATION,
+        *SOP_CLASS_GROUPS["storage"],
+        *find_models,
+        WORKLIST_FIND,
+        MPPS,
+    )
+    assert policy.accept[WORKLIST_FIND] == AcceptedClass(WORKLIST_FIND, (EXPLICIT, IMPLICIT))
+    assert policy.accept[MPPS] == AcceptedClass(MPPS, (EXPLICIT, IMPLICIT))
     assert policy.accept[STUDY_FIND] == AcceptedClass(STUDY_FIND, (EXPLICIT, IMPLICIT))
     assert policy.accept[VERIFICATION] == AcceptedClass(VERIFICATION, (EXPLICIT, IMPLICIT))
     assert policy.accept[CT] == AcceptedClass(CT, TRANSFER_SYNTAX_GROUPS["all"], True, True)

@@ -7,7 +7,6 @@ the status, with an Error Comment (0000,0902) and Error ID (0000,0903) when refu
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import TYPE_CHECKING, cast
 
@@ -17,10 +16,11 @@ from pynetdicom.dimse_primitives import N_CREATE, N_SET
 from pynetdicom.events import Event
 
 from dicomnode.archive import PARSE_ERRORS
+from dicomnode.encoding import EncodingError
+from dicomnode.handlers import request_dataset
 from dicomnode.index import IndexError_
 from dicomnode.mpps import StepError
 from dicomnode.status import Status, describe
-from dicomnode.worklist import decode_values
 
 if TYPE_CHECKING:
     from dicomnode.ae import Node
@@ -37,7 +37,7 @@ def handle_n_create(event: Event, node: Node) -> Response:
     calling = node.calling_ae_title(event.assoc)
     given = str(request.AffectedSOPInstanceUID or "")
     # PS3.7 10.1.5.1.3: without an Affected SOP Instance UID the SCP assigns one and returns it.
-    uid = given or generate_uid()
+    uid = given or generate_uid(prefix=None)
     try:
         attrs = _decoded(event, "attribute_list")
         linked = node.archive.steps.create(uid, attrs, calling)
@@ -69,17 +69,17 @@ def handle_n_set(event: Event, node: Node) -> Response:
 
 
 def _decoded(event: Event, name: str) -> Dataset:
-    """The request's data set (``attribute_list``, ``modification_list``) with every value
-    decoded now, by its own character set; a StepError when it cannot be read."""
+    """The request's data set (``attribute_list``, ``modification_list``), decoded; a
+    StepError when it cannot be read."""
+    what = name.replace("_", " ")
     try:
-        ds: Dataset = copy.deepcopy(getattr(event, name))
-        decode_values(ds)
+        return request_dataset(event, name)
+    except EncodingError as exc:
+        raise StepError(Status.PROCESSING_FAILURE, f"the {what} cannot be decoded: {exc}") from exc
     except PARSE_ERRORS as exc:
-        what = name.replace("_", " ")
         raise StepError(
             Status.PROCESSING_FAILURE, f"the {what} cannot be decoded: {type(exc).__name__}"
         ) from exc
-    return ds
 
 
 def _out_of_resources(exc: IndexError_) -> StepError:

@@ -14,6 +14,8 @@ from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
 from dicomnode.archive import PARSE_ERRORS
+from dicomnode.encoding import EncodingError
+from dicomnode.handlers import request_dataset
 from dicomnode.index import IndexError_
 from dicomnode.index.query import QueryError
 from dicomnode.qr import Operation
@@ -31,7 +33,19 @@ Response = tuple[Status, Dataset | None]
 def handle_worklist_find(event: Event, node: Node) -> Iterator[Response]:
     calling = node.calling_ae_title(event.assoc)
     try:
-        answers = node.archive.worklist.find(event.identifier, calling)
+        identifier = request_dataset(event, "identifier")
+    except EncodingError as exc:
+        yield _failed(calling, Status.UNABLE_TO_PROCESS, f"the identifier cannot be decoded: {exc}")
+        return
+    except PARSE_ERRORS as exc:
+        yield _failed(
+            calling,
+            Status.UNABLE_TO_PROCESS,
+            f"the identifier cannot be decoded: {type(exc).__name__}",
+        )
+        return
+    try:
+        answers = node.archive.worklist.find(identifier, calling)
     except QueryError as exc:
         status = (
             Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
@@ -45,13 +59,6 @@ def handle_worklist_find(event: Event, node: Node) -> Iterator[Response]:
         return
     except IndexError_ as exc:
         yield _failed(calling, Status.OUT_OF_RESOURCES, str(exc))
-        return
-    except PARSE_ERRORS as exc:  # pydicom decodes the identifier only now
-        yield _failed(
-            calling,
-            Status.UNABLE_TO_PROCESS,
-            f"the identifier cannot be decoded: {type(exc).__name__}",
-        )
         return
     for sent, answer in enumerate(answers):
         # PS3.4 C.4.1.2.3 (K.4.1.2.3 follows it): a C-CANCEL ends the matching.

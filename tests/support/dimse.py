@@ -57,16 +57,22 @@ def raw_store(
     req.AffectedSOPInstanceUID = sop_instance
     req.Priority = 2
     req.DataSet = BytesIO(data)
+    return raw_request(assoc, cx_id, req)
+
+
+def raw_request(assoc: Association, cx_id: int, request: Any) -> int:
+    """Send a DIMSE request primitive as it is, on context ``cx_id``; return the response's
+    status."""
     # As Association.send_c_store does: pause the reactor so it does not take our response.
     assoc._reactor_checkpoint.clear()
     while not assoc._is_paused:
         time.sleep(0.0001)
     try:
-        assoc.dimse.send_msg(req, cx_id)
+        assoc.dimse.send_msg(request, cx_id)
         _, rsp = assoc.dimse.get_msg(block=True)
     finally:
         assoc._reactor_checkpoint.set()
-    assert rsp is not None, "no C-STORE response"
+    assert rsp is not None, f"no response to {type(request).__name__}"
     return int(rsp.Status)
 
 

@@ -1,10 +1,12 @@
 """An index written at an older schema version is upgraded in place when the node opens it: the
-v2 keys are filled from what it already holds, v3 adds the PatientBirthDate index, and queries
-answer as for a fresh index."""
+v2 keys are filled from what it already holds, v3 adds the PatientBirthDate index, v4 the
+worklist and MPPS tables, and queries answer as for a fresh index."""
 
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -108,3 +110,41 @@ def test_v2_index_gets_the_birth_date_index(tmp_path: Path) -> None:
         ae.shutdown()
         statuses = [int(status.Status) for status, _ in results]
         assert statuses == [Status.PENDING, Status.SUCCESS]
+
+
+def test_v3_index_gets_the_worklist_tables(tmp_path: Path) -> None:
+    """A v3 index (issue 4) holding an instance: v4 adds worklist_item, performed_step and
+    performed_item, keeps what was stored, and the worklist works at once."""
+    root = tmp_path / "node"
+    settings = {"unknown_peers": ["echo", "store", "worklist"]}
+    ct = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])]
+    with run_node(root, **settings) as node, associate(node, ct) as assoc:
+        assert store_file(assoc, Path(get_testdata_file("CT_small.dcm"))) == Status.SUCCESS
+    con = sqlite3.connect(root / "index.sqlite")
+    con.executescript(
+        "DROP TABLE performed_item; DROP TABLE worklist_item; DROP TABLE performed_step; "
+        "PRAGMA user_version = 3;"
+    )
+    con.close()
+    with run_node(root, **settings) as node:
+        assert f"at schema version {SCHEMA_VERSION} (was 3)" in node.log()
+        assert node.rows("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 4
+        tables = {r["name"] for r in node.rows("SELECT name FROM sqlite_master")}
+        assert {"worklist_item", "performed_step", "performed_item"} <= tables
+        assert len(node.rows("SELECT id FROM instance")) == 1
+        added = subprocess.run(
+            [sys.executable, "-m", "dicomnode.cli", "--config", str(node.config_path),
+             "worklist", "add", "--patient-name", "DOE^JOHN", "--patient-id", "P1",
+             "--modality", "CT", "--date", "20261202", "--time", "0930"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        ae = AE(ae_title="PYMWL")
+        ae.add_requested_context("1.2.840.10008.5.1.4.31")
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        identifier = Dataset()
+        identifier.PatientID = "P1"
+        results = list(assoc.send_c_find(identifier, "1.2.840.10008.5.1.4.31"))
+        assoc.release()
+        ae.shutdown()
+        assert [int(status.Status) for status, _ in results] == [Status.PENDING, Status.SUCCESS]

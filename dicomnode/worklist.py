@@ -43,7 +43,7 @@ from pydicom.valuerep import validate_value
 
 from dicomnode.config import Config, WorklistScope, valid_ae_title
 from dicomnode.encoding import EncodingError, check_dataset
-from dicomnode.index import Index
+from dicomnode.index import Index, IndexError_
 from dicomnode.index.attributes import STEP_SEQUENCE, WORKLIST_ATTRIBUTES, text_value
 from dicomnode.index.models import WorklistItem
 from dicomnode.index.worklist import COMPLETED, answer, matches, narrowing, parse
@@ -433,13 +433,17 @@ class Worklist:
         if self._expired_at is None or dt.datetime.now(dt.UTC) - self._expired_at > (
             EXPIRY_INTERVAL
         ):
-            self.expire()
+            try:
+                self.expire()
+            except IndexError_ as exc:  # the query can still be answered
+                log.warning("worklist: expiring old items failed: %s", exc)
         query = parse(identifier, self.config.query.case_sensitive_names)
         station = query.step_key("ScheduledStationAETitle")
         if (station is None or station.matches_everything) and self.config.worklist_scope_for(
             calling_ae_title
         ) is WorklistScope.OWN:
-            query.conditions.append(WorklistItem.station_aet == calling_ae_title)
+            # Matched as a station key would be: one value of a multi-valued title will do.
+            query.constrain_step("ScheduledStationAETitle", calling_ae_title)
         status = query.step_key("ScheduledProcedureStepStatus")
         if self.config.worklist.hide_completed and (status is None or status.matches_everything):
             query.conditions.append(WorklistItem.step_status != COMPLETED)

@@ -198,7 +198,9 @@ def test_scope_own_and_hide_completed(tmp_path: Path) -> None:
         ids = sorted(str(a.PatientID) for a in wl.find(query(), "MR1"))
         assert ids == ["P2"]
         everything = sorted(str(a.PatientID) for a in wl.find(query(), "CT1"))
-        assert everything == ["P1", "P3", "P4", "P6", "P7"]  # P6 COMPLETED shown; P5 is CT1\CT2
+        # P6 is COMPLETED but shown (hide_completed off); P5 is scheduled for CT1\CT2.
+        assert everything == ["P1", "P3", "P4", "P5", "P6", "P7"]
+        assert sorted(str(a.PatientID) for a in wl.find(query(), "CT2")) == ["P5"]
         given = sorted(str(a.PatientID) for a in wl.find(query({"Modality": "MR",
                        "ScheduledStationAETitle": "MR*"}), "CT1"))  # fmt: skip
         assert given == ["P2"]

@@ -88,8 +88,16 @@ class WorklistQuery:
     keys: list[Key]
     case_sensitive_names: bool = False
     asked_utf8: bool = False
-    # Extra SQL conditions the caller adds (the calling AE's scope, hidden completed steps).
+    # Keys of the step item matched like the request's but never answered: the node's own
+    # constraints (a caller's worklist_scope: its AE title as ScheduledStationAETitle).
+    step_constraints: list[Key] = field(default_factory=list)
+    # Extra SQL conditions the caller adds (hidden completed steps: a single-valued column).
     conditions: list[Any] = field(default_factory=list)
+
+    def constrain_step(self, keyword: str, value: str) -> None:
+        """Match the step item's ``keyword`` on ``value`` too, without answering it."""
+        tag = Tag(keyword)
+        self.step_constraints.append(Key(tag, _dictionary_vr(tag), value))
 
     def step_key(self, keyword: str) -> Key | None:
         """The key ``keyword`` inside the Scheduled Procedure Step Sequence item, if given."""
@@ -208,8 +216,15 @@ def _dictionary_vr(tag: BaseTag) -> str:
 
 
 def matches(query: WorklistQuery, item: Dataset) -> bool:
-    """Whether the stored worklist ``item`` matches every key of ``query``."""
-    return _matches_all(query.keys, item, query.case_sensitive_names)
+    """Whether the stored worklist ``item`` matches every key of ``query`` (and its step
+    constraints)."""
+    if not _matches_all(query.keys, item, query.case_sensitive_names):
+        return False
+    steps = item.get(_STEP_TAG)
+    return not query.step_constraints or any(
+        _matches_all(query.step_constraints, step, query.case_sensitive_names)
+        for step in (steps.value if steps is not None and steps.VR == "SQ" else [])
+    )
 
 
 def _matches_all(keys: Iterable[Key], ds: Dataset, case_sensitive: bool) -> bool:
@@ -341,6 +356,7 @@ def narrowing(query: WorklistQuery) -> Any:
     candidates = [(k, False) for k in query.keys]
     if step is not None and step.item:
         candidates += [(k, True) for k in step.item]
+    candidates += [(k, True) for k in query.step_constraints]
     for key, in_step in candidates:
         attr = WORKLIST_BY_KEYWORD.get(key.keyword)
         if attr is None or not attr.column or attr.in_step != in_step or key.matches_everything:

@@ -18,6 +18,7 @@ import copy
 import datetime as dt
 import json
 import logging
+import re
 import secrets
 import struct
 from collections.abc import Iterable, Iterator, Mapping
@@ -157,27 +158,49 @@ def _value(vr: str, value: Any, where: str) -> Any:
     values = value if isinstance(value, list) else [value]
     if not all(isinstance(v, str | int | float) and not isinstance(v, bool) for v in values):
         raise WorklistError(f"{where}: values are text or numbers, or lists of them")
-    if vr in ("DA", "TM"):  # YAML reads 20261202 as a number
-        values = [str(v) for v in values]
-    if vr in ("US", "SS", "UL", "SL", "UV", "SV"):
-        if not all(isinstance(v, int) for v in values):
-            raise WorklistError(f"{where}: {vr} takes whole numbers")
-    elif vr in ("FL", "FD"):
-        values = [float(v) for v in values]
-    else:
-        values = [str(v) for v in values]
-    for v in values:
+    written = [str(v).strip() for v in values]
+    texts = written
+    if vr == "DA":  # 2026-12-02 as people write it; DICOM has 20261202 (PS3.5 6.2)
+        texts = [_ISO_DATE.sub(r"\1\2\3", t) for t in written]
+    elif vr == "TM":  # 09:30 likewise
+        texts = [t.replace(":", "") for t in written]
+    try:
+        if vr in ("US", "SS", "UL", "SL", "UV", "SV"):
+            values = [int(t) for t in texts]
+        elif vr in ("FL", "FD"):
+            values = [float(t) for t in texts]
+        else:
+            values = texts
+    except ValueError:
+        raise WorklistError(f"{where}: {vr} takes numbers, got {value!r}") from None
+    for as_written, v in zip(written, values, strict=True):
         try:
             validate_value(vr, v, pydicom_config.RAISE)
         except ValueError as exc:
-            raise WorklistError(f"{where}: {exc}") from None
+            raise WorklistError(
+                f"{where}: {as_written!r} is not a valid {vr} value ({exc})"
+            ) from None
     return values if len(values) > 1 else values[0]
+
+
+class _TextLoader(yaml.SafeLoader):
+    """YAML with every plain scalar read as text: DICOM values are text, and YAML 1.1's implicit
+    types would change them silently (PatientID 001234 is octal 668, 0930 a number, 2026-12-02
+    a date, NO a boolean). Numbers for numeric VRs are converted by their VR."""
+
+
+_TextLoader.yaml_implicit_resolvers = {}
+# null, ~ and an empty value still mean "no value" (JSON's null too).
+_TextLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""]
+)
+_ISO_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
 
 
 def items_from_text(text: str, where: str) -> list[Dataset]:
     """The items in a YAML or JSON document: one item, or a list of items."""
     try:
-        data = yaml.safe_load(text)  # JSON is YAML
+        data = yaml.load(text, Loader=_TextLoader)  # noqa: S506 - a SafeLoader; JSON is YAML
     except yaml.YAMLError as exc:
         raise WorklistError(f"{where}: neither YAML nor JSON: {exc}") from exc
     if isinstance(data, list):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,6 +132,35 @@ def _time(text: str) -> str:
     if text.strip().lower() == "now":
         return dt.datetime.now().strftime("%H%M%S")
     return text.strip().replace(":", "")
+
+
+_ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
+
+
+def _date_range(ctx: click.Context, param: click.Parameter, text: str | None) -> str | None:
+    """``--date``: a day word, a date (YYYYMMDD or YYYY-MM-DD) or a range of them
+    (``A-B``, ``A-``, ``-B``), as a DICOM DA value or range; anything else is a usage error."""
+    del ctx
+    if text is None:
+        return None
+    # Dashes inside an ISO date are not the range's dash.
+    parts = _ISO_DATE.sub(r"\1\2\3", text.strip()).split("-")
+    dates = [_date(part) if part else "" for part in parts]
+    if len(dates) > 2 or not any(dates) or any(d and not _real_date(d) for d in dates):
+        raise click.BadParameter(
+            f"{text!r}: give today, tomorrow, yesterday, a date (YYYYMMDD or YYYY-MM-DD) or a "
+            "range of them (A-B, A-, -B)",
+            param=param,
+        )
+    return "-".join(dates)
+
+
+def _real_date(text: str) -> bool:
+    try:
+        dt.datetime.strptime(text, "%Y%m%d")
+    except ValueError:
+        return False
+    return len(text) == 8
 
 
 def _mapping_from_options(values: dict[str, str | None]) -> dict[str, Any]:
@@ -376,8 +406,9 @@ def _identifier(elements: list[DataElement], defaults: bool) -> tuple[Dataset, l
 @click.option(
     "--date",
     "date_text",
-    help="Only steps starting on this date: today, tomorrow, yesterday, YYYYMMDD or a range "
-    "YYYYMMDD-YYYYMMDD.",
+    callback=_date_range,
+    help="Only steps starting on this date: today, tomorrow, yesterday, YYYYMMDD (or "
+    "YYYY-MM-DD) or a range of them, e.g. today-tomorrow, 20261201-20261207.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the answers as a DICOM JSON array.")
 @pass_state
@@ -400,7 +431,7 @@ def query_cmd(
     shortcuts = {
         "Modality": modality,
         "ScheduledStationAETitle": station,
-        "ScheduledProcedureStepStartDate": _date_range(date_text) if date_text else None,
+        "ScheduledProcedureStepStartDate": date_text,
     }
     for keyword, value in shortcuts.items():
         if value is not None:
@@ -430,13 +461,6 @@ def query_cmd(
                 err=True,
             )
     sys.exit(code)
-
-
-def _date_range(text: str) -> str:
-    low, dash, high = text.partition("-") if not text.startswith("-") else ("", "-", text[1:])
-    if text.strip().lower() in _DAY_WORDS or not dash:
-        return _date(text)
-    return f"{_date(low) if low else ''}-{_date(high) if high else ''}"
 
 
 # --- mpps ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from tests.support.dcmtk import DCMTK_ENV, Endpoint, dcmtk_server, require_dcmtk
 
@@ -66,7 +66,7 @@ def write_wl(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = MWL_FIND
+    ds.file_meta.MediaStorageSOPClassUID = UID(MWL_FIND)
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -109,7 +109,7 @@ def findscu_worklist(
         pydicom.dcmwrite(query_path, query, enforce_file_format=False)
         argv.append(str(query_path))
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=DCMTK_ENV)
-    answers = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+    answers: list[Dataset] = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
     return done, answers
 
 

@@ -375,21 +375,36 @@ def find_cmd(
         ),
     )
     code = _outcome("find", report, state.verbosity < 0)
-    if report.failure is None:
-        if as_json:
-            click.echo(
-                json.dumps([m.to_json_dict() for m in report.matches], ensure_ascii=False, indent=2)
-            )
-        elif report.matches:
-            click.echo(_table(columns, report.matches))
-        if not as_json and state.verbosity >= 0:
-            count = len(report.matches)
-            click.echo(
-                f"{count} match{'' if count == 1 else 'es'} from {target.name} "
-                f"at {query_level.value} level in {report.elapsed:.1f} s",
-                err=True,
-            )
+    count = len(report.matches)
+    summary = (
+        f"{count} match{'' if count == 1 else 'es'} from {target.name} "
+        f"at {query_level.value} level in {report.elapsed:.1f} s"
+    )
+    _show_matches(report, columns, report.matches, as_json, summary, state.verbosity >= 0)
     sys.exit(code)
+
+
+def _show_matches(
+    report: scu.FindReport,
+    columns: list[BaseTag],
+    rows: list[Dataset],
+    as_json: bool,
+    summary: str,
+    verbose: bool,
+) -> None:
+    """The matches on stdout: a DICOM JSON array of ``report.matches``, or a table of ``rows``
+    (the matches as shown) with a ``summary`` line on stderr unless quiet."""
+    if report.failure is not None:
+        return
+    if as_json:
+        click.echo(
+            json.dumps([m.to_json_dict() for m in report.matches], ensure_ascii=False, indent=2)
+        )
+        return
+    if rows:
+        click.echo(_table(columns, rows))
+    if verbose:
+        click.echo(summary, err=True)
 
 
 class _Progress:

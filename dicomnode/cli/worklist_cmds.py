@@ -33,7 +33,7 @@ from dicomnode.cli.scu_cmds import (
     _peer,
     _run_cancellable,
     _setup,
-    _table,
+    _show_matches,
     _text_table,
 )
 from dicomnode.config import Config
@@ -446,20 +446,13 @@ def query_cmd(
         lambda cancel: scu.worklist_find(config, target, identifier, cancel=cancel),
     )
     code = _outcome("worklist query", report, state.verbosity < 0)
-    if report.failure is None:
-        if as_json:
-            click.echo(
-                json.dumps([m.to_json_dict() for m in report.matches], ensure_ascii=False, indent=2)
-            )
-        elif report.matches:
-            click.echo(_table(columns, [_flat(m) for m in report.matches]))
-        if not as_json and state.verbosity >= 0:
-            count = len(report.matches)
-            click.echo(
-                f"{count} scheduled step{'' if count == 1 else 's'} from {target.name} "
-                f"in {report.elapsed:.1f} s",
-                err=True,
-            )
+    count = len(report.matches)
+    summary = (
+        f"{count} scheduled step{'' if count == 1 else 's'} from {target.name} "
+        f"in {report.elapsed:.1f} s"
+    )
+    rows = [_flat(m) for m in report.matches]
+    _show_matches(report, columns, rows, as_json, summary, state.verbosity >= 0)
     sys.exit(code)
 
 

@@ -13,6 +13,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.encoding import check_dataset
+from dicomnode.index.query import QueryError
+from dicomnode.status import Status
 from dicomnode.worklist import decode_values
 
 # The request parameter holding each event's data set, and the event property decoding it.
@@ -21,6 +23,12 @@ _DATASETS = {
     "attribute_list": "AttributeList",
     "modification_list": "ModificationList",
 }
+
+
+def query_failure(exc: QueryError) -> Status:
+    """The C-FIND failure status of an identifier that cannot be answered (PS3.4 C.4.1.1.4):
+    it does not fit the information model (A900), or cannot be processed (C000)."""
+    return Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS if exc.hierarchy else Status.UNABLE_TO_PROCESS
 
 
 def request_dataset(event: Any, name: str) -> Dataset:

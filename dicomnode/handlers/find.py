@@ -12,6 +12,7 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.events import Event
 
 from dicomnode.archive import TooManyMatches
+from dicomnode.handlers import query_failure
 from dicomnode.handlers.worklist import handle_worklist_find
 from dicomnode.index.query import QueryError, for_transfer_syntax
 from dicomnode.policy import uid_name
@@ -52,12 +53,7 @@ def handle_find(event: Event, node: Node) -> Iterator[Response]:
             matched += 1
             yield Status.PENDING, for_transfer_syntax(answer, implicit, little)
     except QueryError as exc:
-        status = (
-            Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
-            if exc.hierarchy
-            else Status.UNABLE_TO_PROCESS
-        )
-        yield _failed(calling, status, exc.reason)
+        yield _failed(calling, query_failure(exc), exc.reason)
         return
     except TooManyMatches as exc:
         yield _failed(calling, Status.OUT_OF_RESOURCES, str(exc))

@@ -15,7 +15,7 @@ from pynetdicom.events import Event
 
 from dicomnode.archive import PARSE_ERRORS
 from dicomnode.encoding import EncodingError
-from dicomnode.handlers import request_dataset
+from dicomnode.handlers import query_failure, request_dataset
 from dicomnode.index import IndexError_
 from dicomnode.index.query import QueryError
 from dicomnode.qr import Operation
@@ -47,12 +47,7 @@ def handle_worklist_find(event: Event, node: Node) -> Iterator[Response]:
     try:
         answers = node.archive.worklist.find(identifier, calling)
     except QueryError as exc:
-        status = (
-            Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
-            if exc.hierarchy
-            else Status.UNABLE_TO_PROCESS
-        )
-        yield _failed(calling, status, exc.reason)
+        yield _failed(calling, query_failure(exc), exc.reason)
         return
     except TooManyItems as exc:
         yield _failed(calling, Status.OUT_OF_RESOURCES, str(exc))

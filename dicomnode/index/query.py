@@ -161,24 +161,30 @@ def glob_pattern(value: str) -> str:
 
 
 def _range(attr: Attribute, value: str) -> tuple[str, str]:
-    """(low, high) inclusive, as comparable strings; a single value is low == high."""
+    return date_time_range(attr.keyword, "DA" if attr.kind is Kind.DATE else "TM", value)
+
+
+def date_time_range(label: str, vr: str, value: str) -> tuple[str, str]:
+    """A DA or TM range (PS3.4 C.2.2.2.5: ``A-B``, ``A-``, ``-B``, or one value) as (low, high)
+    inclusive, comparable as strings (times padded by ``pad_time``); raises :class:`QueryError`
+    naming ``label`` for a malformed one."""
     low, dash, high = value.partition("-")
     if not dash:
         high = low
     if not low and not high:
-        raise QueryError(f"{attr.keyword}: {value!r} is an empty range", hierarchy=False)
-    if attr.kind is Kind.DATE:
+        raise QueryError(f"{label}: {value!r} is an empty range", hierarchy=False)
+    if vr == "DA":
         for part in (low, high):
             if part and (len(part) != 8 or not part.isdigit()):
                 raise QueryError(
-                    f"{attr.keyword}: {value!r} is not a date or date range (YYYYMMDD, "
+                    f"{label}: {value!r} is not a date or date range (YYYYMMDD, "
                     "YYYYMMDD-, -YYYYMMDD, YYYYMMDD-YYYYMMDD; PS3.4 C.2.2.2.5)",
                     hierarchy=False,
                 )
         return low or "00000000", high or "99999999"
     lo, hi = pad_time(low, "0"), pad_time(high, "9")
     if not lo or not hi:
-        raise QueryError(f"{attr.keyword}: {value!r} is not a time or time range", hierarchy=False)
+        raise QueryError(f"{label}: {value!r} is not a time or time range", hierarchy=False)
     return lo, hi
 
 

@@ -44,7 +44,7 @@ from dicomnode.index.attributes import (
     text_value,
 )
 from dicomnode.index.models import WorklistItem
-from dicomnode.index.query import QueryError, glob_pattern
+from dicomnode.index.query import QueryError, date_time_range, glob_pattern
 
 COMPLETED = "COMPLETED"
 _CHARSET = Tag(0x00080005)
@@ -171,25 +171,13 @@ def _check(label: str, vr: str, value: str) -> str:
 
 def _range(label: str, vr: str, value: str) -> tuple[str, str]:
     """(low, high) inclusive, comparable as strings (C.2.2.2.5); raises for a malformed one."""
+    if vr in ("DA", "TM"):
+        return date_time_range(label, vr, value)
     low, dash, high = value.partition("-")
     if not dash:
         high = low
     if not low and not high:
         raise QueryError(f"{label}: {value!r} is an empty range", hierarchy=False)
-    if vr == "DA":
-        for part in (low, high):
-            if part and (len(part) != 8 or not part.isdigit()):
-                raise QueryError(
-                    f"{label}: {value!r} is not a date or date range (YYYYMMDD, YYYYMMDD-, "
-                    "-YYYYMMDD, YYYYMMDD-YYYYMMDD; PS3.4 C.2.2.2.5)",
-                    hierarchy=False,
-                )
-        return low or "00000000", high or "99999999"
-    if vr == "TM":
-        lo, hi = pad_time(low, "0"), pad_time(high, "9")
-        if not lo or not hi:
-            raise QueryError(f"{label}: {value!r} is not a time or time range", hierarchy=False)
-        return lo, hi
     # DT: compare the digits, the missing tail as the lowest or highest value (offsets ignored).
     dt_low, dt_high = _datetime(low, "0"), _datetime(high, "9")
     if dt_low is None or dt_high is None:

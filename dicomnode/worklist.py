@@ -27,7 +27,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import yaml
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -39,7 +38,13 @@ from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 from pydicom.valuerep import validate_value
 
 from dicomnode.config import Config, WorklistScope, valid_ae_title
@@ -219,15 +224,18 @@ def read_worklist_file(path: Path) -> Dataset:
             raise WorklistError(f"{path}: {size} bytes is too large for a worklist file")
         with path.open("rb") as fp:
             read_preamble(fp, force=True)
-            has_meta = fp.read(4)[:2] == b"\x02\x00"
-            fp.seek(-4, 1)
-            meta = pydicom.filereader._read_file_meta_info(fp) if has_meta else Dataset()
+            syntax = _file_meta_syntax(fp, size)
             start = fp.tell()
-            syntax = str(meta.get("TransferSyntaxUID", "") or "") or _guess_syntax(fp, start)
+            syntax = syntax or _guess_syntax(fp, start)
+            if syntax == DeflatedExplicitVRLittleEndian:
+                raise WorklistError(f"{path}: deflated worklist files are not supported")
             check_dataset(fp, start, size, syntax)
             fp.seek(start)
-            explicit = syntax != ImplicitVRLittleEndian
-            ds = read_dataset(fp, is_implicit_VR=not explicit, is_little_endian=True)
+            ds = read_dataset(
+                fp,
+                is_implicit_VR=syntax == ImplicitVRLittleEndian,
+                is_little_endian=syntax != ExplicitVRBigEndian,
+            )
             decode_values(ds)
     except WorklistError:
         raise
@@ -240,6 +248,32 @@ def read_worklist_file(path: Path) -> Dataset:
     if len(ds) == 0:
         raise WorklistError(f"{path}: holds no data set")
     return ds
+
+
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"))
+
+
+def _file_meta_syntax(fp: Any, size: int) -> str:
+    """Skip the File Meta group (PS3.10 7.1: group 0002, explicit VR little endian) if there is
+    one, leaving ``fp`` at the data set; returns its Transfer Syntax UID, or ""."""
+    syntax = ""
+    while True:
+        position = fp.tell()
+        header = fp.read(6)
+        if len(header) < 6 or header[:2] != b"\x02\x00":
+            fp.seek(position)
+            return syntax
+        vr = header[4:6]
+        if vr in _LONG_VRS:
+            fp.read(2)
+            (length,) = struct.unpack("<I", fp.read(4))
+        else:
+            (length,) = struct.unpack("<H", fp.read(2))
+        if fp.tell() + length > size:
+            raise EncodingError(f"File Meta element at offset {position} runs past the end")
+        value = fp.read(length)
+        if header[2:4] == b"\x10\x00":  # (0002,0010) Transfer Syntax UID
+            syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
 
 
 def _guess_syntax(fp: Any, start: int) -> str:

@@ -959,3 +959,31 @@ def test_expire_after_zero_days_keeps_everything(ran: Runs) -> None:
     assert "expired" not in run.done.stderr
     assert snapshot(run.config) == run.before
     assert "K-OLD" in run.done.stdout and run.done.stdout.splitlines()[-1] == "2 items"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["-F", "+ti"], ["-F", "+te"], ["+tb"]],
+    ids=["bare implicit", "bare explicit", "big endian"],
+)
+def test_import_bare_data_sets_and_other_syntaxes(
+    config: Path, tmp_path: Path, options: list[str]
+) -> None:
+    """dump2dcm -F writes the data set alone (no preamble, no File Meta), as older worklist
+    tools keep them; the syntax is then told by the first element. +tb: explicit big endian
+    (retired, but readable), named in the File Meta."""
+    source = tmp_path / "item.wl"
+    dump2dcm(DUMP, tmp_path / "from-dump.wl")
+    done = subprocess.run(
+        ["dump2dcm", *options, str(tmp_path / "from-dump.dump"), str(source)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (source.read_bytes()[128:132] == b"DICM") is ("-F" not in options)
+    imported = run_cli("worklist", "import", source, config=config)
+    assert imported.returncode == 0, imported.stderr
+    (row,) = rows(config)
+    assert (row["patient_name"], row["patient_id"], row["modality"]) == ("Bäcker^Ödön", "D1", "US")
+    assert str(stored(row).PatientBirthDate) == "19800229"

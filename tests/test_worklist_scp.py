@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,13 @@ import pytest
 import yaml
 from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_FIND
 
 from dicomnode.status import Status
 from tests.support.dcmtk import require_dcmtk
+from tests.support.dimse import associate, context_id, raw_request
 from tests.support.node import RunningNode, run_node
 from tests.support.worklist import MWL_FIND, dump2dcm, findscu_worklist, item, write_wl
 
@@ -438,3 +442,32 @@ def test_callers_not_allowed_the_worklist_service_are_refused(tmp_path: Path) ->
             "ModalityWorklistInformationModelFind: rejected, calling AE may not use the "
             "'worklist' service"
         )
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    [
+        # (0010,0020) PatientID "P1", then the step sequence (undefined length) whose item never
+        # ends: neither item nor sequence delimiter follows.
+        b"\x10\x00\x20\x00LO\x02\x00P1"
+        b"\x40\x00\x00\x01SQ\x00\x00\xff\xff\xff\xff"
+        b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+        b"\x08\x00\x60\x00CS\x02\x00CT",
+        # A sequence of explicit length 200 holding 16 bytes.
+        b"\x40\x00\x00\x01SQ\x00\x00\xc8\x00\x00\x00"
+        b"\xfe\xff\x00\xe0\x08\x00\x00\x00\x08\x00\x60\x00CS\x02\x00CT",
+    ],
+    ids=["no delimiters", "length past the end"],
+)
+def test_broken_sequence_encoding_is_refused_and_the_node_goes_on(
+    node: RunningNode, identifier: bytes
+) -> None:
+    request = C_FIND()
+    request.MessageID = 3
+    request.AffectedSOPClassUID = MWL_FIND
+    request.Priority = 2
+    request.Identifier = BytesIO(identifier)
+    with associate(node, [(MWL_FIND, [str(ExplicitVRLittleEndian)])], "PYMWL") as assoc:
+        assert raw_request(assoc, context_id(assoc, MWL_FIND), request) == Status.UNABLE_TO_PROCESS
+    node.wait_for_log("the identifier cannot be decoded")
+    assert find(node, step_query(Modality="US"))[1] == Status.SUCCESS

@@ -7,6 +7,7 @@ two must agree, so a column condition can never drop an item the matcher would a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,35 @@ def test_answer_of_a_stored_item_copies_values_not_references() -> None:
     first = answer(parsed, stored)
     first[STEP][0].ScheduledProtocolCodeSequence[0].CodeValue = "CHANGED"
     assert stored[STEP][0].ScheduledProtocolCodeSequence[0].CodeValue == "X1"
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit VR", "explicit VR"])
+def test_answers_encode_to_the_same_bytes_marked_or_not(tmp_path: Path, implicit: bool) -> None:
+    """encoded_for lets pydicom copy the stored raw values instead of re-encoding each: the
+    bytes on the wire must be exactly those of the slow path, for every item (non-ASCII names,
+    multi-valued titles, nested code sequences, empty keys)."""
+    from pynetdicom.dsutils import encode
+
+    from dicomnode.index.worklist import encoded_for
+
+    identifier = query(
+        {"Modality": "", "ScheduledStationAETitle": "", "ScheduledProtocolCodeSequence": []},
+        PatientName="",
+        AccessionNumber="",
+        PatientWeight=None,
+    )
+    # Its own index: the models bind to one database per process, and the tests above opened
+    # others since the module's was made.
+    index = Index(tmp_path / "index.sqlite")
+    index.open()
+    try:
+        wl = Worklist(Config(worklist=WorklistSettings(expire_after_days=0)), index)
+        wl.add(n for e in ITEMS for n in normalise(item_from_mapping(e, "x"), "x"))
+        answers = wl.find(identifier, "ANY")
+    finally:
+        index.close()
+    assert len(answers) == len(OPEN)
+    for plain in answers:
+        slow = encode(copy.deepcopy(plain), implicit, True)
+        fast = encode(encoded_for(copy.deepcopy(plain), implicit, True), implicit, True)
+        assert slow is not None and fast == slow, plain.PatientID

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_FIND
 
@@ -57,6 +57,13 @@ YAML_ITEMS = [
                 "ScheduledProcedureStepStartTime": "0930",
                 "ScheduledProcedureStepID": "SPS1",
                 "ScheduledPerformingPhysicianName": "HOUSE^GREGORY",
+                "ScheduledProtocolCodeSequence": [
+                    {
+                        "CodeValue": "CT01",
+                        "CodingSchemeDesignator": "99LOCAL",
+                        "CodeMeaning": "Schädel nativ",
+                    }
+                ],
             }
         ],
     },
@@ -146,7 +153,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
     root = tmp_path_factory.mktemp("worklist")
     with run_node(root / "node", **SETTINGS) as running:
         items = root / "items.yaml"
-        items.write_text(yaml.safe_dump(YAML_ITEMS), encoding="utf-8")
+        items.write_text(yaml.safe_dump(YAML_ITEMS, allow_unicode=True), encoding="utf-8")
         assert cli(running.config_path, "worklist", "add", str(items)).returncode == 0
         files = root / "files"
         write_wl(
@@ -471,3 +478,43 @@ def test_broken_sequence_encoding_is_refused_and_the_node_goes_on(
         assert raw_request(assoc, context_id(assoc, MWL_FIND), request) == Status.UNABLE_TO_PROCESS
     node.wait_for_log("the identifier cannot be decoded")
     assert find(node, step_query(Modality="US"))[1] == Status.SUCCESS
+
+
+def answers_in(node: RunningNode, syntax: str, identifier: Dataset) -> dict[str, Any]:
+    """The answers (DICOM JSON, by PatientID) over an association in ``syntax`` only."""
+    ae = AE(ae_title="PYMWL")
+    ae.add_requested_context(MWL_FIND, [str(syntax)])
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:
+        assert assoc.accepted_contexts[0].transfer_syntax[0] == syntax
+        return {
+            str(a.PatientID): a.to_json_dict()
+            for status, a in assoc.send_c_find(identifier, MWL_FIND)
+            if status.Status == Status.PENDING
+        }
+    finally:
+        assoc.release()
+        ae.shutdown()
+
+
+def test_answers_are_the_same_in_either_little_endian_syntax(node: RunningNode) -> None:
+    """Answers are copied from the stored items still encoded (explicit VR little endian, UTF-8):
+    read back from an implicit VR association they must say exactly the same, nested sequences
+    and non-ASCII text included."""
+    identifier = step_query(Modality="", ScheduledProcedureStepID="")
+    identifier.PatientName = ""
+    identifier[STEP][0].ScheduledProtocolCodeSequence = []  # zero-length: the stored one whole
+    identifier.PatientWeight = None
+    implicit = answers_in(node, ImplicitVRLittleEndian, identifier)
+    explicit = answers_in(node, ExplicitVRLittleEndian, identifier)
+    assert implicit == explicit
+    assert sorted(implicit) == ["P1", "P2", "P3", "P4", "P5"]
+    john = Dataset.from_json(implicit["P1"])
+    assert john.SpecificCharacterSet == "ISO_IR 192"  # the code meaning is not ASCII
+    (code,) = john[STEP][0].ScheduledProtocolCodeSequence
+    assert (code.CodeValue, code.CodeMeaning) == ("CT01", "Schädel nativ")
+    assert "PatientWeight" in john and john.PatientWeight in (None, "")
+    yamada = Dataset.from_json(implicit["P4"])
+    assert str(yamada.PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    assert "SpecificCharacterSet" not in Dataset.from_json(implicit["P5"])  # all ASCII

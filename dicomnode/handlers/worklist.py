@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom.events import Event
 
 from dicomnode.archive import PARSE_ERRORS
@@ -18,6 +19,7 @@ from dicomnode.encoding import EncodingError
 from dicomnode.handlers import query_failure, request_dataset
 from dicomnode.index import IndexError_
 from dicomnode.index.query import QueryError
+from dicomnode.index.worklist import encoded_for
 from dicomnode.qr import Operation
 from dicomnode.status import Status, describe
 from dicomnode.worklist import TooManyItems
@@ -55,13 +57,17 @@ def handle_worklist_find(event: Event, node: Node) -> Iterator[Response]:
     except IndexError_ as exc:
         yield _failed(calling, Status.OUT_OF_RESOURCES, str(exc))
         return
+    # The answers are written in the negotiated transfer syntax: say so, so that encoding them
+    # copies their already encoded values (index.worklist.encoded_for).
+    syntax = UID(event.context.transfer_syntax)
+    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
     for sent, answer in enumerate(answers):
         # PS3.4 C.4.1.2.3 (K.4.1.2.3 follows it): a C-CANCEL ends the matching.
         if event.is_cancelled:
             log.info("worklist C-FIND from %s cancelled after %d items", calling, sent)
             yield Status.CANCEL, None
             return
-        yield Status.PENDING, answer
+        yield Status.PENDING, encoded_for(answer, implicit, little)
     log.info("worklist C-FIND from %s: %d items", calling, len(answers))
     yield Status.SUCCESS, None
 

@@ -499,12 +499,12 @@ def _template(query: Query, returned: dict[str, Attribute]) -> _Template:
         vr = elem.VR if elem.VR not in ("UN", None) else _vr(tag)
         alias = f"k_{keyword}"
         if keyword == "QueryRetrieveLevel":
-            slots.append((tag, "CS", "", _raw(tag, "CS", query.level.value)))
+            slots.append((tag, "CS", "", raw_element(tag, "CS", query.level.value)))
         elif alias in returned:
             # A value of ours: the dictionary's VR, whatever the request said.
             slots.append((tag, _vr(tag), alias, None))
         else:
-            slots.append((tag, vr, "", _raw(tag, vr, "")))
+            slots.append((tag, vr, "", raw_element(tag, vr, "")))
     asked = query.identifier.get("SpecificCharacterSet")
     asked_utf8 = asked is not None and "ISO_IR 192" in text_value(asked)
     return _Template(tuple(slots), asked_utf8)
@@ -534,7 +534,7 @@ def _answer(template: _Template, row: dict[str, Any]) -> Dataset:
             if "\\" in text:  # multiple values (ModalitiesInStudy): no empty ones
                 text = "\\".join(v for v in text.split("\\") if v)
             needs_utf8 = needs_utf8 or not text.isascii()
-        elements[tag] = _raw(tag, vr, text)
+        elements[tag] = raw_element(tag, vr, text)
     if needs_utf8:
         # PS3.5 6.1.2.3: UTF-8 carries every character we hold, whatever the query used.
         elements[_CHARSET_TAG] = _UTF8
@@ -546,7 +546,7 @@ def _answer(template: _Template, row: dict[str, Any]) -> Dataset:
 _CHARSET_TAG = Tag(0x00080005)
 
 
-def _raw(tag: BaseTag, vr: str, text: str) -> RawDataElement:
+def raw_element(tag: BaseTag, vr: str, text: str) -> RawDataElement:
     """An element holding ``text`` encoded (UTF-8, which is ASCII for ASCII text) and padded to
     even length: UIs with NUL, other text with a space (PS3.5 6.2). ``vr`` may be an ambiguous
     dictionary VR ("US or SS") only for an empty value, written as its first choice."""
@@ -556,7 +556,7 @@ def _raw(tag: BaseTag, vr: str, text: str) -> RawDataElement:
     return RawDataElement(tag, vr.split(" or ")[0], len(data), data, 0, False, True)
 
 
-_UTF8 = _raw(_CHARSET_TAG, "CS", "ISO_IR 192")
+_UTF8 = raw_element(_CHARSET_TAG, "CS", "ISO_IR 192")
 _UTF8_ENCODINGS = convert_encodings("ISO_IR 192")
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import peewee as pw
 from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
@@ -44,7 +44,7 @@ from dicomnode.index.attributes import (
     text_value,
 )
 from dicomnode.index.models import WorklistItem
-from dicomnode.index.query import QueryError, date_time_range, glob_pattern
+from dicomnode.index.query import QueryError, date_time_range, glob_pattern, raw_element
 
 COMPLETED = "COMPLETED"
 _CHARSET = Tag(0x00080005)
@@ -287,46 +287,93 @@ def _name_matches(pattern: str, name: str, case_sensitive: bool) -> bool:
 
 def answer(query: WorklistQuery, item: Dataset) -> Dataset:
     """The C-FIND response identifier for a matching ``item``: every key of the request, with the
-    item's value or empty; text as Unicode, sent as UTF-8 when any is not ASCII (PS3.5 6.1.2.3)."""
-    rsp = Dataset()
-    _fill(rsp, query.keys, item, query.case_sensitive_names)
-    if query.asked_utf8 or not _ascii(rsp):
-        rsp.SpecificCharacterSet = "ISO_IR 192"
-    return rsp
+    item's value or empty; sent as UTF-8 when any text is not ASCII (PS3.5 6.1.2.3).
+
+    Values are copied as the index holds them, still encoded (raw elements of the stored item:
+    explicit VR little endian, UTF-8 text), not decoded and re-encoded one by one; see
+    :func:`encoded_for`. Read like any data set, they decode on access.
+    """
+    elements, ascii_only = _fill(query.keys, item, query.case_sensitive_names)
+    if query.asked_utf8 or not ascii_only:
+        elements[_CHARSET] = raw_element(_CHARSET, "CS", "ISO_IR 192")
+    return Dataset(elements)
 
 
-def _fill(rsp: Dataset, keys: Iterable[Key], item: Dataset, case_sensitive: bool) -> None:
+# VRs whose values may hold characters outside the default repertoire (PS3.5 6.1.2.2).
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "PN", "UC", "UT"})
+
+
+def _fill(keys: Iterable[Key], item: Dataset, case_sensitive: bool) -> tuple[dict[Any, Any], bool]:
+    """The answer's elements for ``keys`` from ``item``, and whether all their text is ASCII."""
+    elements: dict[Any, Any] = {}
+    ascii_only = True
     for key in keys:
-        elem = item.get(key.tag)
         if key.vr == "SQ":
+            elem = item.get(key.tag)
             stored = list(elem.value or []) if elem is not None and elem.VR == "SQ" else []
             if key.item is None:
-                rsp[key.tag] = DataElement(key.tag, "SQ", Sequence(copy.deepcopy(stored)))
-                continue
-            answered = []
-            for sub in stored:
-                if _matches_all(key.item, sub, case_sensitive):
-                    part = Dataset()
-                    _fill(part, key.item, sub, case_sensitive)
-                    answered.append(part)
-            rsp[key.tag] = DataElement(key.tag, "SQ", Sequence(answered))
-        elif elem is not None and elem.VR != "SQ":
-            rsp[key.tag] = DataElement(key.tag, elem.VR, copy.deepcopy(elem.value))
-        else:
-            rsp[key.tag] = DataElement(key.tag, key.vr, None)
+                items = copy.deepcopy(stored)
+                ascii_only = ascii_only and all(_ascii(sub) for sub in items)
+            else:
+                items = []
+                for sub in stored:
+                    if _matches_all(key.item, sub, case_sensitive):
+                        part, part_ascii = _fill(key.item, sub, case_sensitive)
+                        items.append(Dataset(part))
+                        ascii_only = ascii_only and part_ascii
+            elements[key.tag] = DataElement(key.tag, "SQ", Sequence(items))
+            continue
+        # get_item leaves a stored element raw (pydicom types it as converted).
+        raw: DataElement | RawDataElement | None = (
+            item.get_item(key.tag) if key.tag in item else None
+        )
+        if raw is None or raw.VR == "SQ":
+            elements[key.tag] = raw_element(key.tag, key.vr, "")
+        elif isinstance(raw, RawDataElement):
+            elements[key.tag] = raw
+            if raw.VR in _TEXT_VRS and raw.value is not None:
+                ascii_only = ascii_only and raw.value.isascii()
+        else:  # decoded already, by matching
+            elements[key.tag] = DataElement(key.tag, raw.VR, copy.deepcopy(raw.value))
+            ascii_only = ascii_only and text_value(raw.value).isascii()
+    return elements, ascii_only
 
 
 def _ascii(ds: Dataset) -> bool:
-    for elem in ds:
-        if elem.VR == "SQ":
-            if not all(_ascii(sub) for sub in elem.value):
+    """Whether the text of ``ds`` is ASCII, reading raw elements as bytes (a raw sequence may
+    say no for a length byte: then the answer is sent as UTF-8, which is never wrong)."""
+    for elem in ds.elements():
+        if isinstance(elem, RawDataElement):
+            value = elem.value if elem.VR in _TEXT_VRS or elem.VR == "SQ" else None
+            if value is not None and not value.isascii():
                 return False
-        elif isinstance(elem.value, str | bytes) or elem.VR == "PN":
-            if not text_value(elem.value).isascii():
+        elif elem.VR == "SQ":
+            if not all(_ascii(sub) for sub in elem.value):
                 return False
         elif elem.value is not None and not text_value(elem.value).isascii():
             return False
     return True
+
+
+def encoded_for(rsp: Dataset, implicit_vr: bool, little_endian: bool) -> Dataset:
+    """Mark an answer of :func:`answer`, and every sequence item in it, as encoded for the
+    negotiated transfer syntax, so that writing it copies the raw values as they are: text and
+    little endian binary values are the same bytes in both little endian syntaxes. A big endian
+    syntax is left to pydicom, which then decodes and re-encodes every value."""
+    if little_endian:
+        _mark(rsp, implicit_vr)
+    return rsp
+
+
+def _mark(ds: Dataset, implicit_vr: bool) -> None:
+    # pydicom's writer copies raw elements only when the data set's original encoding and
+    # character set are the ones it writes with: the latter is what ``_character_set`` says
+    # (the data set's own Specific Character Set, else its parent's).
+    ds.set_original_encoding(implicit_vr, True, ds._character_set)
+    for elem in ds.elements():
+        if isinstance(elem, DataElement) and elem.VR == "SQ":
+            for sub in elem.value:
+                _mark(sub, implicit_vr)
 
 
 # --- the SQL that narrows the rows ---------------------------------------------------------------

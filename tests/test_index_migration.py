@@ -5,8 +5,6 @@ worklist and MPPS tables, and queries answer as for a fresh index."""
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
@@ -132,11 +130,9 @@ def test_v3_index_gets_the_worklist_tables(tmp_path: Path) -> None:
         tables = {r["name"] for r in node.rows("SELECT name FROM sqlite_master")}
         assert {"worklist_item", "performed_step", "performed_item"} <= tables
         assert len(node.rows("SELECT id FROM instance")) == 1
-        added = subprocess.run(
-            [sys.executable, "-m", "dicomnode.cli", "--config", str(node.config_path),
-             "worklist", "add", "--patient-name", "DOE^JOHN", "--patient-id", "P1",
-             "--modality", "CT", "--date", "20261202", "--time", "0930"],
-            capture_output=True, text=True, timeout=120, check=False,
+        added = node.cli(
+            "worklist", "add", "--patient-name", "DOE^JOHN", "--patient-id", "P1",
+            "--modality", "CT", "--date", "20261202", "--time", "0930",
         )  # fmt: skip
         assert added.returncode == 0, added.stderr
         ae = AE(ae_title="PYMWL")

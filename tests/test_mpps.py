@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -79,22 +77,12 @@ ITEMS = [
 ]
 
 
-def cli(node: RunningNode, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dicomnode.cli", "--config", str(node.config_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[RunningNode]:
     with run_node(tmp_path / "node", **SETTINGS) as running:
         items = tmp_path / "items.yaml"
         items.write_text(yaml.safe_dump(ITEMS, allow_unicode=True), encoding="utf-8")
-        done = cli(running, "worklist", "add", str(items))
+        done = running.cli("worklist", "add", str(items))
         assert done.returncode == 0, done.stderr
         yield running
 
@@ -355,7 +343,7 @@ def test_non_ascii_attributes_are_kept_as_sent(node: RunningNode, assoc: Associa
     _, uid = create(assoc, attrs)
     (row,) = node.rows("SELECT patient_name FROM performed_step")
     assert row["patient_name"] == "Müller^Jürgen"
-    shown = cli(node, "mpps", "show", uid, "--json")
+    shown = node.cli("mpps", "show", uid, "--json")
     assert shown.returncode == 0, shown.stderr
     data = json.loads(shown.stdout)
     assert data["attributes"]["00100010"]["Value"] == [{"Alphabetic": "Müller^Jürgen"}]
@@ -369,7 +357,7 @@ def test_mpps_list_and_show(node: RunningNode, assoc: Association) -> None:
     _, first = create(assoc, in_progress())
     assoc.send_n_set(completed(), MPPS, first)
     _, second = create(assoc, in_progress(step="SPS1B"))
-    listed = cli(node, "mpps", "list")
+    listed = node.cli("mpps", "list")
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
     assert lines[0].split()[:4] == [
@@ -381,7 +369,7 @@ def test_mpps_list_and_show(node: RunningNode, assoc: Association) -> None:
     assert any(line.startswith(first) and "COMPLETED" in line for line in lines)
     assert any(line.startswith(second) and "IN PROGRESS" in line for line in lines)
     assert lines[-1] == "2 performed steps"
-    as_json = json.loads(cli(node, "mpps", "list", "--json").stdout)
+    as_json = json.loads(node.cli("mpps", "list", "--json").stdout)
     assert [(s["sop_instance_uid"], s["status"], s["from"]) for s in as_json] == [
         (first, "COMPLETED", "CT1"),
         (second, "IN PROGRESS", "CT1"),
@@ -389,15 +377,15 @@ def test_mpps_list_and_show(node: RunningNode, assoc: Association) -> None:
     ids = {r["step_id"]: r["id"] for r in node.rows("SELECT id, step_id FROM worklist_item")}
     assert as_json[0]["worklist_items"] == [ids["SPS1"]]
     assert as_json[1]["worklist_items"] == [ids["SPS1B"]]
-    shown = cli(node, "mpps", "show", first)
+    shown = node.cli("mpps", "show", first)
     assert shown.returncode == 0
     assert f"performed procedure step {first}: COMPLETED (from CT1" in shown.stdout
     assert f"worklist items: {ids['SPS1']}" in shown.stdout
-    missing = cli(node, "mpps", "show", "1.2.3.4")
+    missing = node.cli("mpps", "show", "1.2.3.4")
     assert missing.returncode == 2
     assert "no performed procedure step 1.2.3.4" in missing.stderr
     # The worklist item shows which MPPS performed it.
-    item = json.loads(cli(node, "worklist", "show", str(ids["SPS1"]), "--json").stdout)
+    item = json.loads(node.cli("worklist", "show", str(ids["SPS1"]), "--json").stdout)
     assert item["mpps"] == first
 
 
@@ -410,7 +398,7 @@ def test_a_second_mpps_for_the_same_step_takes_it_over(
     assert step_status(node)["SPS1"] == "STARTED"
     assert assoc.send_n_set(completed(), MPPS, second)[0].Status == Status.SUCCESS
     assert step_status(node)["SPS1"] == "COMPLETED"
-    both = json.loads(cli(node, "mpps", "list", "--json").stdout)
+    both = json.loads(node.cli("mpps", "list", "--json").stdout)
     item_id = node.rows("SELECT id FROM worklist_item WHERE step_id = 'SPS1'")[0]["id"]
     assert [s["worklist_items"] for s in both] == [[item_id], [item_id]]
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,16 +18,6 @@ from tests.support.worklist import item, write_wl
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libModalityWorklists.so")
 STEP = "ScheduledProcedureStepSequence"
-
-
-def cli(node: RunningNode, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dicomnode.cli", "--config", str(node.config_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +40,8 @@ def peers(
     settings = {"unknown_peers": ["echo", "worklist"], "worklist": {"expire_after_days": 0}}
     with run_node(root / "node", **settings) as node:
         for patient, modality in (("P1", "CT"), ("P2", "MR")):
-            added = cli(
-                node, "worklist", "add", "--patient-name", f"DOE^{patient}", "--patient-id",
+            added = node.cli(
+                "worklist", "add", "--patient-name", f"DOE^{patient}", "--patient-id",
                 patient, "--modality", modality, "--station-aet", f"{modality}1", "--date",
                 "20261202", "--time", "0930", "--accession", f"A{patient}",
             )  # fmt: skip
@@ -70,7 +58,7 @@ def peers(
 def test_our_query_against_orthancs_worklist(peers: tuple[RunningNode, OrthancEndpoint]) -> None:
     node, pacs = peers
     address = f"{pacs.aet}@{pacs.host}:{pacs.dicom_port}"
-    done = cli(node, "worklist", "query", address, "--modality", "MR", "--json")
+    done = node.cli("worklist", "query", address, "--modality", "MR", "--json")
     assert done.returncode == 0, done.stderr
     (answer,) = [Dataset.from_json(a) for a in json.loads(done.stdout)]
     assert (answer.PatientID, str(answer.PatientName)) == ("O2", "Bäcker^Jörg")
@@ -80,7 +68,7 @@ def test_our_query_against_orthancs_worklist(peers: tuple[RunningNode, OrthancEn
         "MR1",
         "S2",
     )
-    everything = cli(node, "worklist", "query", address)
+    everything = node.cli("worklist", "query", address)
     assert everything.returncode == 0, everything.stderr
     assert "ORTHANC^ONE" in everything.stdout and "Bäcker^Jörg" in everything.stdout
 

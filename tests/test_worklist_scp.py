@@ -8,8 +8,6 @@ ISO 2022 IR 87, and by DCMTK's own dump2dcm). Expiry is off (the items have fixe
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -122,16 +120,6 @@ DUMP = """
 """
 
 
-def cli(node_config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dicomnode.cli", "--config", str(node_config), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 SETTINGS: dict[str, Any] = {
     "unknown_peers": ["echo", "worklist"],
     "peers": {
@@ -154,7 +142,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
     with run_node(root / "node", **SETTINGS) as running:
         items = root / "items.yaml"
         items.write_text(yaml.safe_dump(YAML_ITEMS, allow_unicode=True), encoding="utf-8")
-        assert cli(running.config_path, "worklist", "add", str(items)).returncode == 0
+        assert running.cli("worklist", "add", str(items)).returncode == 0
         files = root / "files"
         write_wl(
             item(
@@ -177,7 +165,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
             files / "yamada.wl",
         )  # fmt: skip
         dump2dcm(DUMP, files / "brown.wl")
-        done = cli(running.config_path, "worklist", "import", str(files))
+        done = running.cli("worklist", "import", str(files))
         assert done.returncode == 0, done.stderr
         assert len(running.rows("SELECT id FROM worklist_item")) == 6
         yield running
@@ -397,7 +385,7 @@ def test_match_cap_refuses_before_answering(tmp_path: Path) -> None:
     with run_node(tmp_path / "node", **{**SETTINGS, "query": {"max_matches": 1}}) as node:
         items = tmp_path / "items.yaml"
         items.write_text(yaml.safe_dump(YAML_ITEMS), encoding="utf-8")
-        assert cli(node.config_path, "worklist", "add", str(items)).returncode == 0
+        assert node.cli("worklist", "add", str(items)).returncode == 0
         answers, final = find(node, step_query(Modality="CT", ScheduledProcedureStepStatus=""))
         assert (answers, final) == ([], Status.OUT_OF_RESOURCES)
         node.wait_for_log("more than 1 matching worklist items (query.max_matches)")
@@ -418,7 +406,7 @@ def test_cancel_stops_the_answers(tmp_path: Path) -> None:
             yaml.safe_dump({"PatientName": "MANY^STEPS", "PatientID": "P9", STEP: steps}),
             encoding="utf-8",
         )
-        done = cli(node.config_path, "worklist", "add", str(items))
+        done = node.cli("worklist", "add", str(items))
         assert done.returncode == 0, done.stderr
         ae = AE(ae_title="PYMWL")
         ae.add_requested_context(MWL_FIND)

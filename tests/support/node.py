@@ -74,6 +74,16 @@ class RunningNode:
             time.sleep(0.02)
         raise AssertionError(f"{text!r} not logged within {timeout}s; log:\n{self.log()}")
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``python -m dicomnode.cli --config <this node's config> ARGS``, as a user runs it."""
+        return subprocess.run(
+            [sys.executable, "-m", "dicomnode.cli", "--config", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

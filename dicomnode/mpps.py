@@ -181,11 +181,11 @@ def _same(a: DataElement, b: DataElement | None) -> bool:
     if b is None:
         return a.value in (None, "", [])
     if a.VR == "SQ" or b.VR == "SQ":
-        return bool(a.VR == b.VR == "SQ" and encode_items(a) == encode_items(b))
+        return bool(a.VR == b.VR == "SQ" and _encoded_items(a) == _encoded_items(b))
     return text_value(a.value) == text_value(b.value)
 
 
-def encode_items(elem: DataElement) -> list[bytes]:
+def _encoded_items(elem: DataElement) -> list[bytes]:
     return [encode(item) for item in elem.value]
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import json
 import logging
 import re
 import secrets
@@ -520,8 +519,3 @@ class Worklist:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-
-
-def to_json(item: Dataset) -> str:
-    """An item as DICOM JSON (PS3.18 F.2), for ``worklist show``."""
-    return json.dumps(item.to_json_dict(), ensure_ascii=False, indent=2)

@@ -176,20 +176,27 @@ def _parse_keys(
         raise click.BadParameter(str(exc), param=param) from None
 
 
+def key_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``-k KEY[=VALUE]``, findscu's query keys, as every query command takes them."""
+    return click.option(
+        "-k",
+        "--key",
+        "keys",
+        multiple=True,
+        metavar="KEY[=VALUE]",
+        callback=_parse_keys,
+        help=help_text,
+    )
+
+
 def _query_options(default_level: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``--level``, ``--model`` and ``-k`` as find, move and get share them."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        command = click.option(
-            "-k",
-            "--key",
-            "keys",
-            multiple=True,
-            metavar="KEY[=VALUE]",
-            callback=_parse_keys,
-            help="A query key as findscu -k takes it: Keyword=Value or gggg,eeee=Value "
+        command = key_option(
+            "A query key as findscu -k takes it: Keyword=Value or gggg,eeee=Value "
             "(wildcards * ?, date ranges 20200101-20201231, UID lists a\\b); no value: "
-            "return this attribute. Repeatable.",
+            "return this attribute. Repeatable."
         )(command)
         command = click.option(
             "--model",

@@ -29,12 +29,12 @@ from dicomnode.cli import CliState, pass_state, setup_logging, with_config
 from dicomnode.cli.scu_cmds import (
     _cell,
     _outcome,
-    _parse_keys,
     _peer,
     _run_cancellable,
     _setup,
     _show_matches,
     _text_table,
+    key_option,
 )
 from dicomnode.config import Config
 from dicomnode.index import Index, IndexError_
@@ -388,16 +388,10 @@ def _identifier(elements: list[DataElement], defaults: bool) -> tuple[Dataset, l
 @worklist_group.command("query")
 @with_config
 @click.argument("peer")
-@click.option(
-    "-k",
-    "--key",
-    "keys",
-    multiple=True,
-    metavar="KEY[=VALUE]",
-    callback=_parse_keys,
-    help="A query key as findscu -k takes it (Keyword=Value; no value: return it). Attributes "
+@key_option(
+    "A query key as findscu -k takes it (Keyword=Value; no value: return it). Attributes "
     "of the scheduled step (Modality, ScheduledStationAETitle, ...) go into the Scheduled "
-    "Procedure Step Sequence item by themselves. Repeatable.",
+    "Procedure Step Sequence item by themselves. Repeatable."
 )
 @click.option("--modality", help="Only steps of this modality (Modality=...).")
 @click.option(

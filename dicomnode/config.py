@@ -7,6 +7,7 @@ created or opened here.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -53,6 +54,29 @@ class WorklistScope(StrEnum):
 
     ALL = "all"
     OWN = "own"
+
+
+class ClientCertificates(StrEnum):
+    """Whether DICOM TLS callers must present a certificate signed by ``tls.ca_certificates``.
+
+    ``required`` (PS3.15 B.9 expects both ends authenticated; DCMTK's default), ``optional``
+    (verified when presented), ``none`` (never asked for: encryption without client identity).
+    """
+
+    NONE = "none"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+class AtLimit(StrEnum):
+    """What a store does when ``store.max_size`` is reached.
+
+    ``refuse``: answer A700 (out of resources) until space is freed; ``recycle``: remove the
+    studies received longest ago until the new instance fits, as Orthanc's recycling does.
+    """
+
+    REFUSE = "refuse"
+    RECYCLE = "recycle"
 
 
 class DuplicatePolicy(StrEnum):
@@ -103,6 +127,15 @@ class Peer:
     move_destinations: frozenset[str] | None = None
     # Its worklist queries without a station AE title key; None: worklist.default_scope.
     worklist_scope: WorklistScope | None = None
+    # Where its associations may come from: IP addresses, networks (CIDR) or host names; None:
+    # only from ``host``. An AE title alone is not a credential.
+    hosts: tuple[str, ...] | None = None
+    # Our SCU commands call it over DICOM TLS (with tls.certificate as our client certificate).
+    tls: bool = False
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]:
+        return self.hosts if self.hosts is not None else (self.host,)
 
     @property
     def address(self) -> str:
@@ -129,6 +162,10 @@ class StoreSettings:
     duplicates: DuplicatePolicy = DuplicatePolicy.KEEP
     # Refuse stores (status A700) before writing when the storage filesystem has less free space.
     min_free_space: int = 100 * 1024**2
+    # The most the stored instances may take, in bytes; 0: no quota (only min_free_space).
+    max_size: int = 0
+    # At max_size: refuse the store (A700), or recycle (remove the oldest studies).
+    at_limit: AtLimit = AtLimit.REFUSE
 
 
 @dataclass(frozen=True)
@@ -159,6 +196,42 @@ class WorklistSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS (PS3.15 B.9, BCP 195): a second listener, beside the plain one or instead of it,
+    and what our SCU commands present to peers configured with ``tls: true``."""
+
+    enabled: bool = False
+    port: int = 2762  # IANA "dicom-tls"
+    # No plain listener: every association must come over TLS.
+    only: bool = False
+    # PEM files; relative paths resolve against the configuration file's folder.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    # The CAs that sign our peers' certificates (client certificates here, servers' for our SCU).
+    ca_certificates: Path | None = None
+    client_certificates: ClientCertificates = ClientCertificates.REQUIRED
+    # The lowest TLS version accepted or offered: BCP 195 forbids below 1.2.
+    min_version: str = "1.2"
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit trail (see dicomnode.audit): security-relevant events as JSON lines."""
+
+    enabled: bool = True
+    path: Path = Path("var/audit.jsonl")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Running as a service: how it stops."""
+
+    # After SIGTERM no association is accepted; those in flight may finish for this many seconds
+    # and are then aborted (an unacknowledged store is discarded, never half kept).
+    stop_grace: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the node needs to run; see ``config/dicomnode.yaml`` for each key's meaning."""
 
@@ -177,10 +250,16 @@ class Config:
     peers: Mapping[str, Peer] = field(default_factory=dict)
     # What a calling AE title that matches no peer may ask of us.
     unknown_peers: frozenset[Service] = frozenset({Service.ECHO, Service.STORE})
+    # Reject associations whose Called AE Title is not ae_title (PS3.8 7.1.1.4; A-ASSOCIATE-RJ
+    # reason 7). Off by default as in Orthanc and storescp: many modalities send a generic one.
+    require_called_ae_title: bool = False
     limits: Limits = field(default_factory=Limits)
     store: StoreSettings = field(default_factory=StoreSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
     worklist: WorklistSettings = field(default_factory=WorklistSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
     # The file this was loaded from, if any (for messages and for resolving relative paths).
     source: Path | None = None
 
@@ -290,6 +369,30 @@ def _ae_title(value: Any) -> str | None:
     return value.strip() if isinstance(value, str) and valid_ae_title(value) else None
 
 
+def _bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*\.?$")
+
+
+def _hosts(value: Any) -> tuple[str, ...] | None:
+    if not isinstance(value, list) or not value:
+        return None
+    hosts: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            return None
+        text = item.strip()
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(text):
+                return None
+        hosts.append(text)
+    return tuple(hosts)
+
+
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
@@ -357,7 +460,16 @@ def _peers(reader: _Reader) -> dict[str, Peer]:
             raise reader.fail("peers", "peer names are 1-64 letters, digits, '_', '.', '-'", name)
         sub = _Reader(settings, reader.where, f"peers.{name}.")
         sub.check_keys(
-            ("ae_title", "host", "port", "services", "move_destinations", "worklist_scope")
+            (
+                "ae_title",
+                "host",
+                "port",
+                "services",
+                "move_destinations",
+                "worklist_scope",
+                "hosts",
+                "tls",
+            )
         )
         for required in ("ae_title", "host", "port"):
             if required not in sub.data:
@@ -379,6 +491,13 @@ def _peers(reader: _Reader) -> dict[str, Peer]:
                 "a list of peer names",
             ),
             worklist_scope=sub.get("worklist_scope", None, _enum(WorklistScope), _SCOPES_ALLOWED),
+            hosts=sub.get(
+                "hosts",
+                None,
+                _hosts,
+                "a non-empty list of IP addresses, networks such as 10.1.2.0/24, or host names",
+            ),
+            tls=sub.get("tls", False, _bool, "true or false"),
         )
     for peer in peers.values():
         unknown = sorted((peer.move_destinations or frozenset()) - set(peers))
@@ -419,10 +538,20 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
     worklist = top.sub("worklist")
     worklist.check_keys(tuple(f.name for f in fields(WorklistSettings)))
     dw = WorklistSettings()
+    tls = _tls(top.sub("tls"), path)
+    audit = top.sub("audit")
+    audit.check_keys(tuple(f.name for f in fields(AuditSettings)))
+    da = AuditSettings()
+    service = top.sub("service")
+    service.check_keys(tuple(f.name for f in fields(ServiceSettings)))
+    dv = ServiceSettings()
+    port = top.get("port", d.port, _int_in(0, 65535), "a port number from 0 to 65535")
+    if tls.enabled and port != 0 and tls.port == port:
+        raise ConfigError(f"{where}: key 'tls.port': must differ from port ({port})")
     return Config(
         ae_title=top.get("ae_title", d.ae_title, _ae_title, _AE_ALLOWED),
         host=top.get("host", d.host, _text, "a host name or address to listen on"),
-        port=top.get("port", d.port, _int_in(0, 65535), "a port number from 0 to 65535"),
+        port=port,
         workers=top.get(
             "workers", d.workers, _workers, f"auto or an integer from 1 to {WORKERS_MAX}"
         ),
@@ -437,6 +566,9 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
         ),
         peers=_peers(top),
         unknown_peers=top.get("unknown_peers", d.unknown_peers, _services, _SERVICES_ALLOWED),
+        require_called_ae_title=top.get(
+            "require_called_ae_title", d.require_called_ae_title, _bool, "true or false"
+        ),
         limits=Limits(
             max_associations=limits.get(
                 "max_associations", dl.max_associations, _int_in(1, 1000), "an integer 1-1000"
@@ -468,6 +600,18 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
                 parse_size,
                 "a size in bytes, or with a unit such as 500MB or 2GiB",
             ),
+            max_size=store.get(
+                "max_size",
+                ds.max_size,
+                parse_size,
+                "a size in bytes, or with a unit such as 500GB or 2TiB; 0 for no quota",
+            ),
+            at_limit=store.get(
+                "at_limit",
+                ds.at_limit,
+                _enum(AtLimit),
+                "one of " + ", ".join(a.value for a in AtLimit),
+            ),
         ),
         query=QuerySettings(
             case_sensitive_names=query.get(
@@ -497,7 +641,60 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
                 "default_scope", dw.default_scope, _enum(WorklistScope), _SCOPES_ALLOWED
             ),
         ),
+        tls=tls,
+        audit=AuditSettings(
+            enabled=audit.get("enabled", da.enabled, _bool, "true or false"),
+            path=audit.get("path", base_dir / da.path, path, "a file path"),
+        ),
+        service=ServiceSettings(
+            stop_grace=service.get(
+                "stop_grace",
+                dv.stop_grace,
+                lambda v: _positive_seconds(v) if v != 0 else 0.0,
+                "seconds from 0 (abort at once) to 86400",
+            ),
+        ),
     )
+
+
+_TLS_VERSIONS = ("1.2", "1.3")
+
+
+def _tls(reader: _Reader, path: Callable[[Any], Path | None]) -> TlsSettings:
+    reader.check_keys(tuple(f.name for f in fields(TlsSettings)))
+    d = TlsSettings()
+    tls = TlsSettings(
+        enabled=reader.get("enabled", d.enabled, _bool, "true or false"),
+        port=reader.get("port", d.port, _int_in(0, 65535), "a port number from 0 to 65535"),
+        only=reader.get("only", d.only, _bool, "true or false"),
+        certificate=reader.get("certificate", d.certificate, path, "a PEM file path"),
+        private_key=reader.get("private_key", d.private_key, path, "a PEM file path"),
+        ca_certificates=reader.get("ca_certificates", d.ca_certificates, path, "a PEM file path"),
+        client_certificates=reader.get(
+            "client_certificates",
+            d.client_certificates,
+            _enum(ClientCertificates),
+            "one of " + ", ".join(c.value for c in ClientCertificates),
+        ),
+        min_version=reader.get(
+            "min_version",
+            d.min_version,
+            lambda v: str(v) if str(v) in _TLS_VERSIONS else None,
+            "one of " + ", ".join(_TLS_VERSIONS) + " (BCP 195: nothing older than TLS 1.2)",
+        ),
+    )
+    if tls.only and not tls.enabled:
+        raise reader.fail("only", "needs tls.enabled: true (else nothing would listen)", True)
+    if tls.enabled:
+        for key in ("certificate", "private_key"):
+            if getattr(tls, key) is None:
+                raise ConfigError(f"{reader.where}: key 'tls.{key}' is required with tls.enabled")
+        if tls.client_certificates != ClientCertificates.NONE and tls.ca_certificates is None:
+            raise ConfigError(
+                f"{reader.where}: key 'tls.ca_certificates' is required unless "
+                "tls.client_certificates is none (it verifies the callers' certificates)"
+            )
+    return tls
 
 
 def read_yaml(path: Path, what: str, error: type[ValueError]) -> Any:

@@ -14,6 +14,7 @@ import yaml
 
 from dicomnode.config import (
     CONFIG_ENV,
+    AuditSettings,
     Config,
     ConfigError,
     DuplicatePolicy,
@@ -21,7 +22,9 @@ from dicomnode.config import (
     Peer,
     QuerySettings,
     Service,
+    ServiceSettings,
     StoreSettings,
+    TlsSettings,
     WorklistScope,
     WorklistSettings,
     load_config,
@@ -35,7 +38,20 @@ REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "config" / "dicomnode.yaml"
 # The keys config/dicomnode.yaml deliberately sets to something other than the dataclass default
 # (its header comment lists them); "source" is where the file was loaded from, never a key.
-DOCUMENTED_EXCEPTIONS = {"storage_dir", "database", "conformance", "peers", "source"}
+DOCUMENTED_EXCEPTIONS = {"storage_dir", "database", "conformance", "peers", "source", "audit"}
+# Every nested section of Config, by its key.
+SECTIONS: dict[str, type] = {
+    "limits": Limits,
+    "store": StoreSettings,
+    "query": QuerySettings,
+    "worklist": WorklistSettings,
+    "tls": TlsSettings,
+    "audit": AuditSettings,
+    "service": ServiceSettings,
+}
+SECTION_EXCEPTIONS = {"audit.path"}  # ../var/audit.jsonl, as storage_dir
+# Keys that have no default value to show, given in the reference as commented-out examples.
+COMMENTED_OUT = {"tls": {"certificate", "private_key", "ca_certificates"}}
 ALL_SERVICES = "a list of echo, store, find, move, get, worklist, mpps"
 
 
@@ -171,16 +187,14 @@ def test_reference_config_values_are_the_defaults_except_documented() -> None:
         if f.name not in DOCUMENTED_EXCEPTIONS:
             assert getattr(config, f.name) == getattr(default, f.name), f.name
     # The nested sections compare field by field too, so a new field cannot slip through.
-    for f in fields(Limits):
-        assert getattr(config.limits, f.name) == getattr(Limits(), f.name), f"limits.{f.name}"
-    for f in fields(StoreSettings):
-        assert getattr(config.store, f.name) == getattr(StoreSettings(), f.name), f"store.{f.name}"
-    for f in fields(QuerySettings):
-        assert getattr(config.query, f.name) == getattr(QuerySettings(), f.name), f"query.{f.name}"
-    for f in fields(WorklistSettings):
-        assert getattr(config.worklist, f.name) == getattr(WorklistSettings(), f.name), (
-            f"worklist.{f.name}"
-        )
+    for name, section in SECTIONS.items():
+        for f in fields(section):
+            if f"{name}.{f.name}" in SECTION_EXCEPTIONS:
+                continue
+            assert getattr(getattr(config, name), f.name) == getattr(section(), f.name), (
+                f"{name}.{f.name}"
+            )
+    assert config.audit.path.resolve() == REPO / "var" / "audit.jsonl"
 
     # The documented exceptions, exactly.
     assert config.storage_dir.resolve() == REPO / "var" / "storage"
@@ -202,10 +216,9 @@ def test_reference_config_values_are_the_defaults_except_documented() -> None:
 def test_reference_config_lists_every_key() -> None:
     raw = yaml.safe_load(REFERENCE.read_text(encoding="utf-8"))
     assert set(raw) == {f.name for f in fields(Config)} - {"source"}
-    assert set(raw["limits"]) == {f.name for f in fields(Limits)}
-    assert set(raw["store"]) == {f.name for f in fields(StoreSettings)}
-    assert set(raw["query"]) == {f.name for f in fields(QuerySettings)}
-    assert set(raw["worklist"]) == {f.name for f in fields(WorklistSettings)}
+    # Keys commented out (examples without a default value) are listed by the comment test.
+    for name, section in SECTIONS.items():
+        assert set(raw[name]) == {f.name for f in fields(section)} - COMMENTED_OUT.get(name, set())
     assert set(raw["peers"]) == {"PACS"}
     assert set(raw["peers"]["PACS"]) == {"ae_title", "host", "port", "services"}
 
@@ -213,15 +226,11 @@ def test_reference_config_lists_every_key() -> None:
 def test_reference_config_comments_every_key() -> None:
     """Each key has a comment block above it; each leaf key's says what is allowed and default."""
     lines = REFERENCE.read_text(encoding="utf-8").splitlines()
-    keys = (
-        {f.name for f in fields(Config)}
-        | {f.name for f in fields(Limits)}
-        | {f.name for f in fields(StoreSettings)}
-        | {f.name for f in fields(QuerySettings)}
-        | {f.name for f in fields(WorklistSettings)}
-        | {"ae_title", "host", "port", "services"}
-    ) - {"source"}
-    sections = {"limits", "store"}
+    keys = {f.name for f in fields(Config)} | {"ae_title", "host", "port", "services"}
+    for section in SECTIONS.values():
+        keys |= {f.name for f in fields(section)}
+    keys -= {"source"} | set().union(*COMMENTED_OUT.values())
+    sections = set(SECTIONS)
     seen: set[str] = set()
     for i, line in enumerate(lines):
         match = re.match(r"^\s*([a-z_]+):", line)
@@ -436,7 +445,7 @@ UNKNOWN_KEYS = [
         "colour: blue\n",
         "colour",
         "ae_title, host, port, workers, storage_dir, database, conformance, log_level, peers, "
-        "unknown_peers, limits, store",
+        "unknown_peers, require_called_ae_title, limits, store",
     ),
     ("stroage_dir: x\n", "stroage_dir", "ae_title, host, port, workers, storage_dir"),
     ("source: x.yaml\n", "source", "limits, store"),

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from dicomnode.audit import AuditLog
 from dicomnode.config import Config, DuplicatePolicy
 from dicomnode.encoding import EncodingError, check_dataset
 from dicomnode.index import DuplicateInstance, Index, IndexError_, NewInstance
@@ -78,6 +79,11 @@ class Archive:
         self.index = Index(config.database)
         self.worklist = Worklist(config, self.index)
         self.steps = PerformedSteps(self.index)
+        # The audit trail of everything done through this archive (and by the node's handlers,
+        # which reach it as node.archive.audit). Opened on its first record.
+        self.audit = AuditLog(
+            config.audit.path if config.audit.enabled else None, node=config.ae_title
+        )
 
     def open(self) -> None:
         """Prepare the folders (clearing leftover temp files), open the index and expire old
@@ -88,6 +94,7 @@ class Archive:
 
     def close(self) -> None:
         self.index.close()
+        self.audit.close()
 
     def find(self, model: Model, identifier: Dataset) -> Iterator[Dataset]:
         """C-FIND: the response identifiers for ``identifier`` in ``model``, streamed.

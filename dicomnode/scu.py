@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,12 +53,14 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, StoragePresentationContexts, _config, evt
+from pynetdicom._globals import MODE_REQUESTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta, split_dataset
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context, build_role
 
+from dicomnode import tls
 from dicomnode.config import Config, Peer, valid_ae_title
 from dicomnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, new_ae
 from dicomnode.qr import MODALITY_WORKLIST_FIND, SOP_CLASSES, Level, Model, Operation
@@ -110,6 +113,10 @@ class FailureKind(StrEnum):
     REJECTED = "rejected"  # A-ASSOCIATE-RJ (PS3.8 9.3.4)
     ABORTED = "aborted"  # A-ABORT / connection closed / no answer within the ACSE timeout
     NO_CONTEXT = "no accepted presentation context"  # A-ASSOCIATE-AC accepting none of ours
+    # DICOM TLS (PS3.15 B.9) to a peer with tls: true: our tls.* files are unusable, the TLS
+    # handshake failed, or the peer ended the connection in a TLS alert (it refused our
+    # certificate).
+    TLS = "TLS failure"
 
 
 # What each file of a batch whose association failed is reported with.
@@ -118,6 +125,7 @@ _NOT_SENT = {
     FailureKind.REJECTED: "not sent: the association was rejected",
     FailureKind.ABORTED: "not sent: the association request was aborted",
     FailureKind.NO_CONTEXT: "not sent: no presentation context was accepted",
+    FailureKind.TLS: "not sent: no TLS connection",
 }
 
 
@@ -149,8 +157,25 @@ def request_association(
     ``evt_handlers`` are bound to the association (e.g. EVT_C_STORE for C-GET sub-operations).
     Returns the association (its negotiated contexts are readable even when it failed) and,
     when it is not established, why.
+
+    A peer with ``tls: true`` is called over DICOM TLS (PS3.15 B.9) with a context built from
+    ``config.tls`` for this association (so renewed certificate files are picked up).
     """
     connected = threading.Event()
+    tls_args: tuple[ssl.SSLContext, str] | None = None
+    tls_errors: list[OSError] = []
+    if peer.tls:
+        try:
+            context = tls.client_context(config.tls)
+        except tls.TlsError as exc:
+            # Nothing was sent: an association object that never started, with nothing
+            # negotiated, stands for the attempt.
+            message = f"cannot call {peer.address} over TLS: {exc}"
+            return Association(ae, MODE_REQUESTOR), AssociationFailure(FailureKind.TLS, message)
+        context.sslsocket_class = _recording_socket(tls_errors)
+        # The name is sent as SNI (not for IP addresses); it is not checked against the
+        # certificate (see tls.client_context).
+        tls_args = (context, peer.host)
 
     def on_connect(event: evt.Event) -> None:
         connected.set()
@@ -171,9 +196,16 @@ def request_association(
         max_pdu=config.limits.max_pdu_size,
         ext_neg=list(ext_neg) or None,
         evt_handlers=[(evt.EVT_CONN_OPEN, on_connect), *evt_handlers],
+        tls_args=tls_args,
     )
     if assoc.is_established:
         return assoc, None
+    if tls_errors:
+        # The handshake failed (no EVT_CONN_OPEN), or the peer answered our A-ASSOCIATE-RQ with
+        # a TLS alert: with TLS 1.3 a server checks our certificate after our side of the
+        # handshake is done, so its refusal arrives as the first thing we read.
+        message = _tls_failure(config, peer, tls_errors[0], handshake=not connected.is_set())
+        return assoc, AssociationFailure(FailureKind.TLS, message)
     answer = assoc.acceptor.primitive
     if assoc.is_rejected and isinstance(answer, A_ASSOCIATE):
         result, source, reason = answer.result, answer.result_source, answer.diagnostic
@@ -201,6 +233,75 @@ def request_association(
         f"{config.limits.acse_timeout:g} s"
     )
     return assoc, AssociationFailure(FailureKind.ABORTED, message)
+
+
+def _recording_socket(errors: list[OSError]) -> type[ssl.SSLSocket]:
+    """An SSLSocket class that keeps the TLS errors pynetdicom only logs, for our message."""
+
+    class RecordingSocket(ssl.SSLSocket):
+        def do_handshake(self, block: bool = False) -> None:
+            try:
+                super().do_handshake(block)
+            except OSError as exc:
+                errors.append(exc)
+                raise
+
+        def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+            try:
+                return super().recv(buflen, flags)
+            except ssl.SSLError as exc:
+                errors.append(exc)
+                raise
+
+    return RecordingSocket
+
+
+# OpenSSL reasons (the peer's TLS alert, or our own check) -> what they mean for a DICOM peer.
+_TLS_REASONS = {
+    "WRONG_VERSION_NUMBER": "the peer did not answer in TLS (is this its plain DICOM port?)",
+    "UNSUPPORTED_PROTOCOL": "no TLS version both sides allow (we offer tls.min_version and up)",
+    "TLSV1_ALERT_PROTOCOL_VERSION": (
+        "the peer refused our TLS version (we offer tls.min_version and up)"
+    ),
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": (
+        "the peer shares no cipher suite with us (we offer the BCP 195 suites only)"
+    ),
+    "TLSV1_ALERT_UNKNOWN_CA": (
+        "the peer does not trust the CA that signed our certificate (tls.certificate)"
+    ),
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer refused our certificate (tls.certificate)",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the peer refused our certificate (tls.certificate)",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the peer says our certificate (tls.certificate) expired",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": (
+        "the peer requires a client certificate: set tls.certificate and tls.private_key"
+    ),
+}
+
+
+def _tls_failure(config: Config, peer: Peer, exc: OSError, *, handshake: bool) -> str:
+    where = f"TLS {'handshake' if handshake else 'connection'} with {peer.address} failed"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        cas = config.tls.ca_certificates or "the system's trusted CAs"
+        return (
+            f"{where}: its certificate is not trusted: {exc.verify_message} (it must be signed "
+            f"by a CA in tls.ca_certificates, {cas})"
+        )
+    if isinstance(exc, ssl.SSLError) and exc.reason in _TLS_REASONS:
+        return f"{where}: {_TLS_REASONS[exc.reason]}"
+    if isinstance(exc, ConnectionResetError | ssl.SSLEOFError | BrokenPipeError):
+        # A plain DICOM port closes on a ClientHello it cannot parse; some TLS servers close
+        # without an alert when they refuse the version or our certificate.
+        return (
+            f"{where}: the peer closed the connection "
+            + ("in the handshake" if handshake else "after the handshake")
+            + " without a TLS alert (is this its DICOM TLS port? does it accept our TLS "
+            "version and certificate?)"
+        )
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"{where}: {exc.reason.replace('_', ' ').lower()}"
+    if isinstance(exc, TimeoutError):
+        return f"{where}: no answer within {config.limits.acse_timeout:g} s"
+    return f"{where}: {exc.strerror or exc}"
 
 
 def _rejected_summary(assoc: Association) -> str:

@@ -11,6 +11,7 @@ import unicodedata
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
-from dicomnode import scu
+from dicomnode import scu, tls
 from dicomnode.cli import CliState, pass_state, setup_logging, with_config
 from dicomnode.config import Config, ConfigError, Peer, resolve_peer, valid_ae_title
 from dicomnode.qr import Level, Model
@@ -38,12 +39,46 @@ def _setup(state: CliState) -> Config:
     return state.config
 
 
+_TLS_META = "dicomnode.tls"
+
+
+def _set_tls(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    del param
+    if value:
+        ctx.meta[_TLS_META] = True
+
+
+# Declared once, for every command that calls a peer; read by _peer (not passed as a parameter).
+tls_option = click.option(
+    "--tls",
+    is_flag=True,
+    expose_value=False,
+    callback=_set_tls,
+    help="Call PEER over DICOM TLS (as a configured peer with tls: true does), presenting "
+    "tls.certificate and checking its certificate against tls.ca_certificates.",
+)
+
+
 def _peer(config: Config, text: str) -> Peer:
+    """The peer named by ``text`` (see resolve_peer), over TLS with --tls; exits with a usage
+    error when it cannot be resolved or our tls.* files are unusable for calling it."""
     try:
-        return resolve_peer(config, text)
+        peer = resolve_peer(config, text)
     except ConfigError as exc:
         click.echo(f"dicomnode: {exc}", err=True)
         sys.exit(ExitCode.USAGE)
+    context = click.get_current_context(silent=True)
+    if context is not None and context.meta.get(_TLS_META):
+        peer = replace(peer, tls=True)
+    if peer.tls:
+        # Checked before anything is sent, so a bad file is a usage error, not an unreachable
+        # peer; each association builds its own context again (scu.request_association).
+        try:
+            tls.client_context(config.tls)
+        except tls.TlsError as exc:
+            click.echo(f"dicomnode: cannot call {peer.address} over TLS: {exc}", err=True)
+            sys.exit(ExitCode.USAGE)
+    return peer
 
 
 def _plural(count: int, word: str) -> str:
@@ -53,6 +88,7 @@ def _plural(count: int, word: str) -> str:
 @click.command("echo")
 @with_config
 @click.argument("peer")
+@tls_option
 @pass_state
 def echo_cmd(state: CliState, peer: str) -> None:
     """Check that PEER answers a C-ECHO (DICOM Verification).
@@ -79,6 +115,7 @@ def echo_cmd(state: CliState, peer: str) -> None:
 @click.command("send")
 @with_config
 @click.argument("peer")
+@tls_option
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @pass_state
 def send_cmd(state: CliState, peer: str, paths: tuple[Path, ...]) -> None:
@@ -341,6 +378,7 @@ def _text_table(headers: list[str], rows: list[list[str]]) -> str:
 @click.command("find")
 @with_config
 @click.argument("peer")
+@tls_option
 @_query_options("study")
 @click.option("--json", "as_json", is_flag=True, help="Print the matches as a DICOM JSON array.")
 @pass_state
@@ -461,6 +499,7 @@ def _report_failed_instances(report: scu.RetrieveReport) -> None:
 @click.command("move")
 @with_config
 @click.argument("peer")
+@tls_option
 @click.option("--dest", required=True, metavar="AET", help="AE title to send the instances to.")
 @_query_options("study")
 @pass_state
@@ -510,6 +549,7 @@ def move_cmd(
 @click.command("get")
 @with_config
 @click.argument("peer")
+@tls_option
 @click.option(
     "--out",
     "out_dir",

@@ -22,13 +22,14 @@ import os
 import select
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any
 
@@ -36,18 +37,22 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import AddressInformation, ThreadedAssociationServer
 
+from dicomnode import service
+from dicomnode.access import AccessRules
 from dicomnode.archive import Archive
-from dicomnode.config import Config
+from dicomnode.audit import FAILURE, AuditLog
+from dicomnode.config import Config, ConfigError, Limits, load_config
 from dicomnode.handlers import association as assoc_handlers
 from dicomnode.handlers.echo import handle_echo
 from dicomnode.handlers.find import handle_find
 from dicomnode.handlers.mpps import handle_n_create, handle_n_set
 from dicomnode.handlers.store import handle_store
-from dicomnode.identity import new_ae
-from dicomnode.policy import Decision, Policy, Profile
+from dicomnode.identity import apply_limits, new_ae
+from dicomnode.policy import ConformanceError, Decision, Policy, Profile, load_policy
 from dicomnode.reactor import install_reactor_hooks
 from dicomnode.receive import Receiver, install_receive_hooks
 from dicomnode.retrieve import install_retrieve_hooks
+from dicomnode.tls import TlsError, server_context
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,7 @@ VERIFICATION = "1.2.840.10008.1.1"  # PS3.4 A.4 Verification SOP Class
 # exceeded; what pynetdicom sends past AE.maximum_associations.
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_NODE_SIGNALS = (*_STOP_SIGNALS, signal.SIGHUP)
 
 
 class WorkerBoard:
@@ -169,7 +175,10 @@ class Node:
         self.archive = Archive(config)
         self.receiver = Receiver(self.archive.storage, config.store.min_free_space)
         self.ae = self._build_ae()
-        self.server: ThreadedAssociationServer | None = None
+        self.servers: list[_NodeServer] = []
+        self.access = AccessRules(config)
+        # Built here so a certificate problem stops the node before it listens.
+        self.tls_context = server_context(config.tls) if config.tls.enabled else None
         self._contexts: dict[int, tuple[Profile, list[PresentationContext]]] = {}
         self._lock = threading.Lock()
         self._per_assoc: dict[int, dict[str, Any]] = {}
@@ -248,6 +257,7 @@ class Node:
             (evt.EVT_ABORTED, assoc_handlers.on_aborted),
             *shared,
             (evt.EVT_CONN_CLOSE, assoc_handlers.on_conn_close),
+            (evt.EVT_CONN_CLOSE, assoc_handlers.on_conn_close_unrequested),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store),
             (evt.EVT_C_FIND, handle_find),
@@ -256,10 +266,11 @@ class Node:
         ]
         return [(event, handler, [self]) for event, handler in bound]
 
-    def start(self, listener: socket.socket | None = None) -> tuple[str, int]:
-        """Open the archive and start listening in the background; returns (host, port).
+    def start(self, listeners: list[Listener] | None = None) -> list[tuple[str, int, bool]]:
+        """Open the archive and serve in the background; returns (host, port, tls) of each
+        listener.
 
-        ``listener``: a socket the supervisor bound and listens on, when this node is one worker
+        ``listeners``: sockets the supervisor bound and listens on, when this node is one worker
         of several; the supervisor has already cleared ``tmp/`` and migrated the index.
         """
         install_reactor_hooks()
@@ -269,22 +280,16 @@ class Node:
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
         self._warm_contexts()
-        if listener is None:
+        if listeners is None:
             self.archive.open()
-            server = self.ae.start_server(
-                (self.config.host, self.config.port),
-                block=False,
-                evt_handlers=self._handlers(),
-            )
-            assert server is not None  # block=False always returns the server
+            listeners = listen(self.config)
         else:
             # Never clean tmp/ here: other workers are receiving into it.
             self.archive.storage.prepare(clean=False)
             self.archive.index.open()
-            server = self._serve_on(listener)
-        self.server = server
-        host, port = server.server_address[:2]
-        return str(host), int(port)
+        for listener in listeners:
+            self.servers.append(self._serve_on(listener))
+        return [listener.address for listener in listeners]
 
     def _warm_contexts(self) -> None:
         """Build the pynetdicom contexts of every configured peer and of unknown callers now,
@@ -292,26 +297,143 @@ class Node:
         for title in ["", *(peer.ae_title for peer in self.config.peers.values())]:
             self.contexts_for(self.profile_for(title))
 
-    def _serve_on(self, listener: socket.socket) -> ThreadedAssociationServer:
-        """What ``AE.start_server(block=False)`` does, on an inherited listening socket."""
+    def _serve_on(self, listener: Listener) -> _NodeServer:
+        """What ``AE.start_server(block=False)`` does, on a socket bound and listening already."""
         server = self.ae.make_server(
-            listener.getsockname(),
+            listener.sock.getsockname(),
             evt_handlers=self._handlers(),
-            server_class=_SharedListenerServer,
+            server_class=_NodeServer,
+            ssl_context=self.tls_context if listener.tls else None,
             listener=listener,
-            board=self.board,
+            node=self,
         )
-        thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+        name = "TLSAcceptorServer" if listener.tls else "AcceptorServer"
+        thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
         thread.start()
         self.ae._servers.append(server)  # as start_server does; server.shutdown() removes it
+        assert isinstance(server, _NodeServer)
         return server
 
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+    def associations(self) -> list[Any]:
+        """The associations this node (this process) serves now."""
+        servers = set(map(id, self.servers))
+        return [
+            thread
+            for thread in threading.enumerate()
+            if "AcceptorThread" in thread.name and id(getattr(thread, "_server", None)) in servers
+        ]
+
+    def publish_load(self, leaving: Any = None) -> int:
+        """Tell the other workers how many associations this one serves (``leaving`` is ending
+        and not counted); returns that number."""
+        load = sum(1 for assoc in self.associations() if assoc is not leaving)
+        if self.board is not None:
+            self.board.publish_load(load)
+        return load
+
+    def tls_refused(self, client_address: Any, exc: BaseException) -> None:
+        """A TLS handshake failed or timed out: no association, nothing to negotiate."""
+        host, port = (*tuple(client_address), "?", "?")[:2]
+        why = (
+            "no handshake within limits.acse_timeout" if isinstance(exc, TimeoutError) else str(exc)
+        )
+        log.warning("DICOM TLS connection from %s:%s refused: %s", host, port, why)
+        self.archive.audit.record(
+            "association-rejected",
+            outcome=FAILURE,
+            calling_ae=None,
+            called_ae=None,
+            address=host,
+            port=port,
+            reason=f"TLS handshake failed: {why}",
+            result=None,
+            source=None,
+            reason_code=None,
+        )
+
+    def reload(self, audit: bool = True) -> bool:
+        """SIGHUP: read the configuration file and its conformance policy again and use them
+        for associations from now on; those in flight keep what they negotiated. A file that
+        fails validation changes nothing: the error is logged and False returned.
+
+        What the node was started with (listeners, storage, index, workers) needs a restart:
+        such a change is logged and ignored until then.
+        """
+        old = self.config
+        try:
+            fresh, policy, tls_context = load_reloadable(old)
+        except (ConfigError, ConformanceError, TlsError) as exc:
+            log.error("configuration reload failed, keeping the running configuration: %s", exc)
+            if audit:
+                self.archive.audit.record(
+                    "config-reload", outcome=FAILURE, source=str(old.source), error=str(exc)
+                )
+            return False
+        with self._lock:
+            self.config = fresh
+            self.policy = policy
+            self._contexts.clear()
+        self.access = AccessRules(fresh)
+        self.archive.reconfigure(fresh)
+        self.receiver.min_free_space = fresh.store.min_free_space
+        self.ae.maximum_associations = fresh.limits.max_associations
+        apply_limits(self.ae, fresh.limits)
+        if tls_context is not None:
+            self.tls_context = tls_context  # renewed certificates, for handshakes from now on
+            for server in self.servers:
+                if server.ssl_context is not None:
+                    server.ssl_context = tls_context
+        self._warm_contexts()
+        self.archive.audit.reopen()  # the audit file may have been rotated away
+        log.info("configuration reloaded from %s", old.source)
+        if audit:
+            self.archive.audit.record("config-reload", source=str(old.source), error=None)
+        return True
+
+    def stop_listening(self) -> None:
+        """Accept no more connections (the first step of a stop)."""
+        for server in self.servers:
+            server.shutdown()
+        self.servers = []
+
+    def drain(self, grace: float) -> int:
+        """Let the associations in flight finish for up to ``grace`` seconds, then abort the
+        rest; returns how many had to be aborted. A store not acknowledged by then is
+        discarded by the connection-close handler, never half kept."""
+        deadline = time.monotonic() + grace
+        remaining = self.associations()
+        if remaining:
+            log.info(
+                "waiting up to %.0f s for %d association(s) in flight to finish",
+                grace,
+                len(remaining),
+            )
+        while remaining and time.monotonic() < deadline:
+            remaining[0].join(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+            remaining = [assoc for assoc in remaining if assoc.is_alive()]
+        for assoc in remaining:
+            log.warning(
+                "aborting the association from %s: still open %.0f s after the stop signal "
+                "(service.stop_grace)",
+                self.calling_ae_title(assoc),
+                grace,
+            )
+            assoc.abort()
+        for assoc in remaining:
+            assoc.join(timeout=5.0)
+        return len(remaining)
+
+    def stop(self, grace: float = 0.0, record_stop: str | None = None) -> int:
+        """Stop listening, drain for ``grace`` seconds, close everything; returns the number of
+        associations aborted. ``record_stop``: the reason for the application-stop audit
+        record (None in a worker: its supervisor records the node's stop)."""
+        self.stop_listening()
+        aborted = self.drain(grace)
         self.ae.shutdown()
+        if record_stop is not None:
+            self.archive.audit.record("application-stop", reason=record_stop, aborted=aborted)
         self.archive.close()
+        return aborted
 
 
 def _on_requested_within_limit(event: Any, node: Node) -> None:
@@ -321,17 +443,12 @@ def _on_requested_within_limit(event: Any, node: Node) -> None:
     board = node.board
     if board is None or assoc.is_rejected or assoc.is_aborted or board.admit(assoc):
         return
-    info = getattr(assoc.requestor, "address_info", None)
-    log.warning(
-        "association from %s at %s:%s rejected: the node has %d associations open "
-        "(limits.max_associations)",
-        node.calling_ae_title(assoc),
-        getattr(info, "address", "?"),
-        getattr(info, "port", "?"),
-        board.limit,
+    assoc_handlers.reject(
+        node,
+        assoc,
+        REJECT_LOCAL_LIMIT,
+        f"the node has {board.limit} associations open (limits.max_associations)",
     )
-    assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
-    assoc.kill()
 
 
 def _on_conn_close_release(event: Any, node: Node) -> None:
@@ -341,101 +458,187 @@ def _on_conn_close_release(event: Any, node: Node) -> None:
             node.calling_ae_title(event.assoc),
             node.board.total(),
         )
-    if isinstance(node.server, _SharedListenerServer):
-        node.server.publish_load(leaving=event.assoc)
+    node.publish_load(leaving=event.assoc)
 
 
-class _SharedListenerServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server on a socket the supervisor bound, listens on and shares with
-    the other workers, balancing accepts through the :class:`WorkerBoard`."""
+@dataclass
+class Listener:
+    """A listening socket of the node: the plain DICOM port or the DICOM TLS port."""
 
-    def __init__(
-        self, *args: Any, listener: socket.socket, board: WorkerBoard, **kwargs: Any
-    ) -> None:
+    sock: socket.socket
+    tls: bool
+
+    @property
+    def address(self) -> tuple[str, int, bool]:
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port), self.tls
+
+
+class _NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server on a socket we bound and listen on (:func:`listen`): in a
+    worker of several it is shared with the other workers, balancing accepts through the
+    :class:`WorkerBoard`.
+
+    Unlike pynetdicom's server it never blocks its accept loop on a peer: an accepted socket
+    gets ``limits.network_timeout`` (pynetdicom leaves it blocking for ever, so a peer that
+    stops in the middle of a PDU would hold its association, and its place under
+    ``limits.max_associations``, until it closed), and a TLS handshake runs in a thread of its
+    own, bounded by ``limits.acse_timeout``, instead of in ``accept``.
+    """
+
+    def __init__(self, *args: Any, listener: Listener, node: Node, **kwargs: Any) -> None:
         self._listener = listener
-        self._board = board
+        self._node = node
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
         if self.socket is not None:
             self.socket.close()  # the unbound socket TCPServer made
-        self.socket = self._listener
+        # In a worker this is its inherited copy of the supervisor's socket: closing it at stop
+        # leaves the others' open.
+        self.socket = self._listener.sock
         # Every worker wakes for a new connection and one wins the accept: the others must get
         # EAGAIN at once (socketserver ignores it), not wait in accept() for the next one.
         self.socket.setblocking(False)
         self.server_address = self.socket.getsockname()
 
     def server_activate(self) -> None:
-        """The supervisor listens already."""
+        """:func:`listen` listens already."""
 
     def server_close(self) -> None:
-        # Close this worker's descriptor only: shutdown() would stop the socket listening for
+        # Close this server's descriptor only: shutdown() would stop the socket listening for
         # every worker.
         if self.socket is not None:
             self.socket.close()
 
-    def publish_load(self, leaving: Any = None) -> int:
-        """Tell the other workers how many associations this one serves (``leaving`` is ending
-        and not counted); returns that number."""
-        load = sum(1 for assoc in self.active_associations if assoc is not leaving)
-        self._board.publish_load(load)
-        return load
-
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        delay = self._board.accept_delay(self.publish_load())
-        if delay:
-            time.sleep(delay)  # the server thread only: the associations run on
-        return super().get_request()
+        if self._node.board is not None:
+            delay = self._node.board.accept_delay(self._node.publish_load())
+            if delay:
+                time.sleep(delay)  # the server thread only: the associations run on
+        assert self.socket is not None
+        sock, address = self.socket.accept()
+        sock.settimeout(self.ae.network_timeout)
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Start the association in this thread (pynetdicom's threaded server starts a thread
-        only to start the association's own): then its load counts it at once."""
+        """Start a plain association in this thread (pynetdicom's threaded server starts a
+        thread only to start the association's own): then the load counts it at once. A TLS
+        connection first needs its handshake, which may take a round trip or a slow peer."""
+        if isinstance(request, ssl.SSLSocket):
+            thread = threading.Thread(
+                target=self._handshake_then_serve,
+                args=(request, client_address),
+                name="TLSHandshake",
+                daemon=True,
+            )
+            thread.start()
+            return
+        self._serve(request, client_address)
+
+    def _serve(self, request: Any, client_address: Any) -> None:
         try:
             self.finish_request(request, client_address)
         except Exception:
             self.handle_error(request, client_address)
             self.shutdown_request(request)
-        self.publish_load()
+        self._node.publish_load()
+
+    def _handshake_then_serve(self, request: ssl.SSLSocket, client_address: Any) -> None:
+        request.settimeout(self.ae.acse_timeout)
+        try:
+            request.do_handshake()
+        except (OSError, ValueError) as exc:
+            # ssl.SSLError is an OSError; a silent peer ends in TimeoutError.
+            self._node.tls_refused(client_address, exc)
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.ae.network_timeout)
+        self._serve(request, client_address)
 
 
-def serve(config: Config, policy: Policy, ready: Callable[[str, int], None] | None = None) -> int:
-    """Run the node in the foreground until SIGINT or SIGTERM; returns the exit status.
+Ready = Callable[[list[tuple[str, int, bool]]], None]
+
+
+def serve(config: Config, policy: Policy, ready: Ready | None = None) -> int:
+    """Run the node in the foreground until SIGINT or SIGTERM, reloading its configuration on
+    SIGHUP; returns the exit status. ``ready`` gets (host, port, tls) of each listener.
 
     One process for ``workers: 1``, else a :class:`Supervisor` and its workers.
     """
     workers = config.worker_count()
     if workers > 1:
         return Supervisor(config, policy, workers).run(ready)
-    _serve_one(config, policy, ready)
-    return 0
+    return _serve_one(config, policy, ready)
 
 
-def _serve_one(
-    config: Config, policy: Policy, ready: Callable[[str, int], None] | None = None
-) -> None:
+def _serve_one(config: Config, policy: Policy, ready: Ready | None = None) -> int:
     """A single-process node until SIGINT or SIGTERM."""
     node = Node(config, policy)
-    host, port = node.start()
-    stop = _StopSignals()
+    addresses = node.start()
+    signals = _Signals()
+    announce(config, addresses, node.archive.audit, workers=1)
+    if ready is not None:
+        ready(addresses)
+    reason = "error"
+    try:
+        while True:
+            received = signals.wait()
+            stop = received & set(_STOP_SIGNALS)
+            if stop:
+                reason = _signal_names(stop)
+                log.info("signal %s: stopping", reason)
+                break
+            if signal.SIGHUP in received:
+                service.reloading()
+                node.reload()
+                service.ready(_status(node.config, addresses))
+    finally:
+        service.stopping(f"stopping ({reason})")
+        aborted = node.stop(node.config.service.stop_grace, record_stop=reason)
+        log.info("%s stopped", config.ae_title)
+    return 1 if aborted else 0
+
+
+def announce(
+    config: Config, addresses: list[tuple[str, int, bool]], audit: AuditLog, workers: int
+) -> None:
+    """The node serves: log it, audit it, tell systemd."""
+    where = ", ".join(
+        f"{host}:{port}{' (DICOM TLS)' if tls else ''}" for host, port, tls in addresses
+    )
     log.info(
-        "%s listening on %s:%d (storage %s, index %s)",
+        "%s listening on %s (storage %s, index %s%s)",
         config.ae_title,
-        host,
-        port,
+        where,
         config.storage_dir,
         config.database,
+        f", {workers} worker processes" if workers > 1 else "",
     )
-    if ready is not None:
-        ready(host, port)
-    try:
-        stop.wait()
-    finally:
-        node.stop()
-        log.info("%s stopped", config.ae_title)
+    plain = [port for _, port, tls in addresses if not tls]
+    secure = [port for _, port, tls in addresses if tls]
+    audit.record(
+        "application-start",
+        ae_title=config.ae_title,
+        host=config.host,
+        port=plain[0] if plain else None,
+        tls_port=secure[0] if secure else None,
+        workers=workers,
+    )
+    service.ready(_status(config, addresses))
 
 
-class _StopSignals:
-    """Waits in the main thread for SIGTERM or SIGINT in a process with threads.
+def _status(config: Config, addresses: list[tuple[str, int, bool]]) -> str:
+    where = ", ".join(f"{port}{'/tls' if tls else ''}" for _, port, tls in addresses)
+    return f"{config.ae_title} listening on port {where}"
+
+
+class _Signals:
+    """Waits in the main thread for SIGTERM, SIGINT or SIGHUP in a process with threads.
 
     The kernel hands a process's signal to any thread that does not block it. Python runs its
     handler only in the main thread, and only once that thread runs again: a main thread asleep
@@ -449,26 +652,64 @@ class _StopSignals:
         for fd in (self._read, self._write):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        for sig in _STOP_SIGNALS:
+        for sig in _NODE_SIGNALS:
             signal.signal(sig, _ignore)
 
-    def wait(self) -> None:
-        try:
-            while True:
-                select.select([self._read], [], [])
-                received = _drain(self._read)
-                if any(sig in received for sig in _STOP_SIGNALS):
-                    log.info("signal %s: stopping", _signal_names(received))
-                    return
-        finally:
-            signal.set_wakeup_fd(-1)
-            os.close(self._read)
-            os.close(self._write)
+    def wait(self) -> set[int]:
+        """The signals received (at least one of _NODE_SIGNALS)."""
+        while True:
+            select.select([self._read], [], [])
+            received = _drain(self._read) & set(_NODE_SIGNALS)
+            if received:
+                return received
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        os.close(self._read)
+        os.close(self._write)
+
+
+def load_reloadable(running: Config) -> tuple[Config, Policy, ssl.SSLContext | None]:
+    """The configuration file of ``running`` read again, its policy and TLS context, with what
+    only a restart can change kept as it runs (and a warning naming each such key).
+
+    Raises ConfigError, ConformanceError or TlsError for a file that cannot be used.
+    """
+    if running.source is None:
+        raise ConfigError("the node runs on the built-in defaults: there is no file to reload")
+    fresh = load_config(running.source)
+    policy = load_policy(fresh.conformance)
+    kept = {key: getattr(running, key) for key in _RESTART_KEYS}
+    tls_kept = {key: getattr(running.tls, key) for key in _RESTART_TLS_KEYS}
+    changed = [key for key, value in kept.items() if getattr(fresh, key) != value]
+    changed += [f"tls.{key}" for key, value in tls_kept.items() if getattr(fresh.tls, key) != value]
+    if changed:
+        log.warning(
+            "configuration reload: %s changed; that takes effect at the next restart",
+            ", ".join(changed),
+        )
+    fresh = replace(fresh, tls=replace(fresh.tls, **tls_kept), **kept)
+    tls_context = server_context(fresh.tls) if fresh.tls.enabled else None
+    return fresh, policy, tls_context
+
+
+# What the node was started with; a reload leaves these as they are.
+_RESTART_KEYS = (
+    "ae_title",
+    "host",
+    "port",
+    "workers",
+    "storage_dir",
+    "database",
+    "log_level",
+    "audit",
+)
+_RESTART_TLS_KEYS = ("enabled", "port", "only")
 
 
 # --- several worker processes -----------------------------------------------------------------
 
-_PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+_PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _PID = struct.Struct("=i")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -489,11 +730,14 @@ class Supervisor:
     works: it learns the real port), and creates the shared association count. Then it forks the
     workers while it has no thread. It reports ready once every worker accepts; it restarts a
     worker that dies after it was ready; a worker that dies before it was ready (it could not
-    start) stops the node with exit status 1. SIGTERM or SIGINT: it sends each worker SIGTERM
-    and waits for all of them; status 0, or 1 when one had to be killed.
+    start) stops the node with exit status 1. SIGTERM or SIGINT: it closes its listening
+    sockets, sends each worker SIGTERM (each drains its associations for ``service.stop_grace``)
+    and waits for all of them; status 0, or 1 when one had to be killed. SIGHUP: it checks the
+    configuration file and, if it is usable, sends each worker SIGHUP to reload it.
     """
 
-    STOP_TIMEOUT = 30.0  # a worker that has not stopped by then is killed
+    # A worker still running this long after its stop_grace is killed.
+    STOP_MARGIN = 15.0
 
     def __init__(self, config: Config, policy: Policy, workers: int) -> None:
         self.config = config
@@ -501,21 +745,25 @@ class Supervisor:
         self.count = workers
         self.workers: dict[int, _Worker] = {}  # by pid
         self.board = WorkerBoard(config.limits.max_associations, workers)
-        self.listener: socket.socket | None = None
+        self.listeners: list[Listener] = []
+        self.audit = AuditLog(config.audit.path if config.audit.enabled else None, config.ae_title)
         self._wake = (-1, -1)
         self._ready = (-1, -1)
         self._status = 0
         self._stopping = False
+        self._stop_reason = "error"
         self._deadline: float | None = None  # stopping: when stragglers are killed
 
-    def run(self, ready: Callable[[str, int], None] | None = None) -> int:
+    def run(self, ready: Ready | None = None) -> int:
         if not hasattr(os, "fork"):
             raise RuntimeError("workers > 1 needs os.fork (Linux, BSD, macOS); set workers: 1")
+        if self.config.tls.enabled:
+            server_context(self.config.tls)  # a certificate problem stops us before any fork
         archive = Archive(self.config)
         archive.open()  # creates the folders, clears tmp/, creates or migrates the index
         archive.close()
-        self.listener = _listen(self.config)
-        host, port = (str(part) for part in self.listener.getsockname()[:2])
+        self.listeners = listen(self.config)
+        addresses = [listener.address for listener in self.listeners]
         self._wake = os.pipe()
         for fd in self._wake:
             os.set_blocking(fd, False)
@@ -526,13 +774,13 @@ class Supervisor:
             try:
                 for slot in range(self.count):
                     self._spawn(slot)
-                self._supervise(ready, host, int(port))
+                self._supervise(ready, addresses)
             except BaseException:
                 # Whatever went wrong here, no worker is left behind.
                 if self.workers:
                     self._status = 1
-                    self._stop()
-                    self._supervise(None, host, int(port))
+                    self._stop("error")
+                    self._supervise(None, addresses)
                 raise
         finally:
             signal.set_wakeup_fd(-1)
@@ -540,13 +788,20 @@ class Supervisor:
                 signal.signal(sig, handler)
             for fd in (*self._wake, *self._ready):
                 os.close(fd)
-            self.listener.close()
+            self._close_listeners()
+            self.audit.record("application-stop", reason=self._stop_reason, status=self._status)
+            self.audit.close()
         log.info("%s stopped", self.config.ae_title)
         return self._status
 
+    def _close_listeners(self) -> None:
+        for listener in self.listeners:
+            listener.sock.close()
+        self.listeners = []
+
     # --- the parent -------------------------------------------------------------------------
 
-    def _supervise(self, ready: Callable[[str, int], None] | None, host: str, port: int) -> None:
+    def _supervise(self, ready: Ready | None, addresses: list[tuple[str, int, bool]]) -> None:
         announced = False
         pending = b""
         while self.workers:
@@ -557,8 +812,11 @@ class Supervisor:
             if self._wake[0] in readable:
                 received = _drain(self._wake[0])
                 if not self._stopping and any(sig in received for sig in _STOP_SIGNALS):
-                    log.info("signal %s: stopping the workers", _signal_names(received))
-                    self._stop()
+                    reason = _signal_names(received)
+                    log.info("signal %s: stopping the workers", reason)
+                    self._stop(reason)
+                elif not self._stopping and signal.SIGHUP in received:
+                    self._reload(addresses)
             if self._ready[0] in readable:
                 pending += os.read(self._ready[0], 4096)
                 while len(pending) >= _PID.size:
@@ -577,17 +835,29 @@ class Supervisor:
                 self._kill_stragglers()
             if not announced and not self._stopping and self._all_ready():
                 announced = True
-                log.info(
-                    "%s listening on %s:%d (storage %s, index %s, %d worker processes)",
-                    self.config.ae_title,
-                    host,
-                    port,
-                    self.config.storage_dir,
-                    self.config.database,
-                    self.count,
-                )
+                announce(self.config, addresses, self.audit, self.count)
                 if ready is not None:
-                    ready(host, port)
+                    ready(addresses)
+
+    def _reload(self, addresses: list[tuple[str, int, bool]]) -> None:
+        """SIGHUP: check the file here (so a bad one is reported once and no worker sees it),
+        then let each worker read it again."""
+        service.reloading()
+        source = str(self.config.source)
+        try:
+            fresh, policy, _ = load_reloadable(self.config)
+        except (ConfigError, ConformanceError, TlsError) as exc:
+            log.error("configuration reload failed, keeping the running configuration: %s", exc)
+            self.audit.record("config-reload", outcome=FAILURE, source=source, error=str(exc))
+        else:
+            self.config, self.policy = fresh, policy  # for workers started from now on
+            for pid in self.workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+            self.audit.reopen()
+            log.info("configuration reloaded from %s; the workers read it again", source)
+            self.audit.record("config-reload", source=source, error=None)
+        service.ready(_status(self.config, addresses))
 
     def _all_ready(self) -> bool:
         return len(self.workers) == self.count and all(w.ready for w in self.workers.values())
@@ -616,7 +886,7 @@ class Supervisor:
                     how,
                 )
                 self._status = 1
-                self._stop()
+                self._stop("a worker could not start")
             else:
                 log.warning(
                     "worker %d (pid %d) ended unexpectedly (%s); starting a new one",
@@ -626,9 +896,13 @@ class Supervisor:
                 )
                 self._spawn(worker.slot)
 
-    def _stop(self) -> None:
+    def _stop(self, reason: str) -> None:
         self._stopping = True
-        self._deadline = time.monotonic() + self.STOP_TIMEOUT
+        self._stop_reason = reason
+        service.stopping(f"stopping ({reason})")
+        # No new connection waits in a backlog that no worker will accept from.
+        self._close_listeners()
+        self._deadline = time.monotonic() + self.config.service.stop_grace + self.STOP_MARGIN
         for pid in self.workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -639,7 +913,7 @@ class Supervisor:
                 "worker %d (pid %d) did not stop within %.0f s; killing it",
                 worker.slot + 1,
                 pid,
-                self.STOP_TIMEOUT,
+                self.config.service.stop_grace + self.STOP_MARGIN,
             )
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -672,11 +946,11 @@ class Supervisor:
 
     def _worker(self, slot: int, parent: int, mask: Iterable[int]) -> int:
         """The body of a worker process (never returns to the caller's stack: see _spawn)."""
-        assert self.listener is not None
         signal.set_wakeup_fd(-1)
         for fd in (*self._wake, self._ready[0]):
             os.close(fd)
-        stop = _StopSignals()
+        service.forget()
+        signals = _Signals()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         _die_with_parent(parent)
         _tag_log_lines()
@@ -684,29 +958,52 @@ class Supervisor:
         try:
             self.board.slot = slot
             node = Node(self.config, self.policy, self.board)
-            node.start(self.listener)
+            node.start(self.listeners)
         except BaseException:
             log.exception("worker %d could not start", slot + 1)
             return 1
+        aborted = 0
         try:
             os.write(self._ready[1], _PID.pack(os.getpid()))
             log.debug("worker %d serving", slot + 1)
-            stop.wait()
+            while True:
+                received = signals.wait()
+                if received & set(_STOP_SIGNALS):
+                    break
+                if signal.SIGHUP in received:
+                    node.reload(audit=False)  # the supervisor audits the reload once
         finally:
-            node.stop()
-        return 0
+            aborted = node.stop(node.config.service.stop_grace)
+        return 1 if aborted else 0
 
 
-def _listen(config: Config) -> socket.socket:
-    """The node's listening socket, bound as pynetdicom's server binds its own."""
-    info = AddressInformation.from_tuple((config.host, config.port))
+def listen(config: Config) -> list[Listener]:
+    """The node's listening sockets: the plain port (unless ``tls.only``) and the DICOM TLS
+    port (with ``tls.enabled``)."""
+    ports = [] if config.tls.only else [(config.port, False)]
+    if config.tls.enabled:
+        ports.append((config.tls.port, True))
+    listeners: list[Listener] = []
+    try:
+        for port, tls in ports:
+            listeners.append(Listener(_listen(config.host, port, config.limits), tls))
+    except OSError:
+        for listener in listeners:
+            listener.sock.close()
+        raise
+    return listeners
+
+
+def _listen(host: str, port: int, limits: Limits) -> socket.socket:
+    """A listening socket, bound as pynetdicom's server binds its own."""
+    info = AddressInformation.from_tuple((host, port))
     sock = socket.socket(info.address_family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((config.host, config.port))
-        # Connections wait here until a worker accepts them; past the association limit they
-        # are accepted and rejected, so a backlog of the limit is plenty.
-        sock.listen(max(5, config.limits.max_associations))
+        sock.bind((host, port))
+        # Connections wait here until accepted; past the association limit they are accepted
+        # and rejected, so a backlog of the limit is plenty.
+        sock.listen(max(5, limits.max_associations))
         sock.setblocking(False)
     except OSError:
         sock.close()

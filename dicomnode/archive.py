@@ -96,6 +96,12 @@ class Archive:
         self.index.close()
         self.audit.close()
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded configuration: its query, store and worklist settings apply from now on
+        (storage, index and audit paths stay as opened; they need a restart)."""
+        self.config = config
+        self.worklist.config = config
+
     def find(self, model: Model, identifier: Dataset) -> Iterator[Dataset]:
         """C-FIND: the response identifiers for ``identifier`` in ``model``, streamed.
 

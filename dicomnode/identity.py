@@ -11,7 +11,7 @@ import logging
 from pynetdicom import AE, _config
 
 from dicomnode import __version__
-from dicomnode.config import Config
+from dicomnode.config import Config, Limits
 from dicomnode.dimse_codec import install_codec_hooks
 from dicomnode.reactor import install_reactor_hooks
 
@@ -32,12 +32,17 @@ def new_ae(config: Config) -> AE:
     # dicomnode.cli keeps that logger at WARNING unless asked for more.
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         _config.LOG_HANDLER_LEVEL = "none"
-    limits = config.limits
     ae = AE(ae_title=config.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    apply_limits(ae, config.limits)
+    return ae
+
+
+def apply_limits(ae: AE, limits: Limits) -> None:
+    """The configured PDU size and timeouts, for associations made from now on (also at a
+    configuration reload)."""
     ae.maximum_pdu_size = limits.max_pdu_size
     ae.acse_timeout = limits.acse_timeout
     ae.dimse_timeout = limits.dimse_timeout
     ae.network_timeout = limits.network_timeout
-    return ae

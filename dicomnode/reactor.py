@@ -21,6 +21,7 @@ pinned to 3.0.x for that (pyproject.toml), and ``tests/test_reactor.py`` exercis
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import select
@@ -39,6 +40,8 @@ from pynetdicom.dimse import _RSP_TO_MESSAGE, DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
+
+log = logging.getLogger(__name__)
 
 # Upper bound on any wait, so that timers checked by polling still fire on time.
 MAX_WAIT = 0.05
@@ -134,6 +137,56 @@ class EventDUL(DULServiceProvider):
     def kill_dul(self) -> None:
         super().kill_dul()
         self._wake.set()
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's PDU read (dul.py, 3.0.x), refusing a declared length past the bound
+        (:func:`pdu_length_bound`) before reading or allocating anything of it: the PDU is
+        treated as invalid (Evt19), which aborts the association (PS3.8 9.2, action AA-8)."""
+        transport = self.socket
+        if transport is None:
+            self.event_queue.put("Evt17")
+            return
+        try:
+            header = bytes(transport.recv(6))
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")  # the connection closed or went silent mid-header
+            return
+        if len(header) != 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
+        assoc = self.assoc
+        local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+        bound = pdu_length_bound(pdu_type, int(local.maximum_length or 0))
+        if bound is None or pdu_length > bound:
+            remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+            address = getattr(remote, "address_info", None)
+            log.warning(
+                "aborting the association from %s:%s: a PDU of type 0x%02X declares %d bytes%s",
+                getattr(address, "address", "?"),
+                getattr(address, "port", "?"),
+                pdu_type,
+                pdu_length,
+                f", more than the {bound} allowed" if bound is not None else " (unknown type)",
+            )
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = transport.recv(pdu_length)
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu, event = self._decode_pdu(bytearray(header) + body)
+        except Exception:
+            pynetdicom.dul.LOGGER.exception("Unable to decode the received PDU data")
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
 
     def _send(self, pdu: Any) -> None:
         with self._send_lock:
@@ -287,6 +340,31 @@ def _p_data_tf(pdata: P_DATA) -> bytes:
 
 
 _PDU_HEADER = struct.Struct(">BBI")
+# The PDU types of PS3.8 9.3: the association PDUs carry at most a few hundred presentation
+# contexts and a user identity (PS3.7 D.3.3.7: a Kerberos ticket or SAML assertion, each at
+# most 64 KiB), so 1 MiB is generous; A-RELEASE and A-ABORT PDUs have a fixed length of 4.
+_ASSOCIATION_PDU_MAX = 1024 * 1024
+_FIXED_PDUS = {0x05, 0x06, 0x07}  # A-RELEASE-RQ, A-RELEASE-RP, A-ABORT
+_P_DATA_TF = 0x04
+# A P-DATA-TF PDU may carry no more than the Maximum Length we announced (PS3.8 D.1); a little
+# slack for peers that count the PDV item headers differently.
+_P_DATA_SLACK = 1024
+# When we announced no maximum (0, "unlimited": never by our own configuration).
+_P_DATA_UNLIMITED = 64 * 1024 * 1024
+
+
+def pdu_length_bound(pdu_type: int, maximum_length: int) -> int | None:
+    """The largest PDU length (the header's length field) accepted for ``pdu_type`` when we
+    announced ``maximum_length``; None for a type PS3.8 does not define."""
+    if pdu_type == _P_DATA_TF:
+        return (maximum_length or _P_DATA_UNLIMITED) + _P_DATA_SLACK
+    if pdu_type in _FIXED_PDUS:
+        return 4
+    if pdu_type in (0x01, 0x02, 0x03):  # A-ASSOCIATE-RQ, -AC, -RJ
+        return _ASSOCIATION_PDU_MAX
+    return None
+
+
 _PDV_HEADER = struct.Struct(">IB")
 
 

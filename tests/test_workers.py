@@ -190,7 +190,7 @@ def test_association_limit_counts_every_worker(tmp_path: Path) -> None:
         log = node.log()
         for worker in (first, second):
             assert re.search(
-                rf"ae\[{worker.pid}\]: association from TESTSCU at \S+ rejected: "
+                rf"association\[{worker.pid}\]: association from TESTSCU at \S+ rejected: "
                 r"the node has 2 associations open \(limits.max_associations\)",
                 log,
             ), log
@@ -329,28 +329,28 @@ from dicomnode.policy import load_policy
 mode = sys.argv[2]
 start, stop = ae.Node.start, ae.Node.stop
 
-def failing_start(self, listener=None):
-    if listener is not None:
+def failing_start(self, listeners=None):
+    if listeners is not None:
         raise RuntimeError("this worker cannot start")
-    return start(self, listener)
+    return start(self, listeners)
 
-def hanging_stop(self):
+def hanging_stop(self, grace=0.0, record_stop=None):
     threading.Event().wait()
 
 if mode == "start-fails":
     ae.Node.start = failing_start
 else:
     ae.Node.stop = hanging_stop
-    ae.Supervisor.STOP_TIMEOUT = 1.0
+    ae.Supervisor.STOP_MARGIN = 1.0
 setup_logging(1)
 config = load_config(sys.argv[1])
-ready = lambda host, port: print(f"listening on {host}:{port}", flush=True)
+ready = lambda addresses: print(f"listening on {addresses[0][0]}:{addresses[0][1]}", flush=True)
 sys.exit(ae.serve(config, load_policy(None), ready))
 """
 
 
 def misbehaving(tmp_path: Path, mode: str) -> subprocess.Popen[str]:
-    config = write_config(tmp_path / "node", workers=2)
+    config = write_config(tmp_path / "node", workers=2, service={"stop_grace": 0})
     return subprocess.Popen(
         [sys.executable, "-c", MISBEHAVING, str(config), mode],
         stdout=subprocess.PIPE,

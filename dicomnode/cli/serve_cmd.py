@@ -10,16 +10,22 @@ from dicomnode.cli import CliState, pass_state, setup_logging, with_config
 from dicomnode.policy import ConformanceError, load_policy
 from dicomnode.status import ExitCode
 
+# The lines on stdout that say the node serves, one per listener.
+LISTENING = "listening on"
+LISTENING_TLS = "listening for DICOM TLS on"
+
 
 @click.command("serve")
 @with_config
 @pass_state
 def serve_cmd(state: CliState) -> None:
-    """Run the node in the foreground until SIGTERM or Ctrl-C.
+    """Run the node in the foreground until SIGTERM or Ctrl-C; SIGHUP reloads the configuration.
 
-    Prints one line to stdout when it is listening: "listening on HOST:PORT" (with several
-    workers: once every worker accepts). Exits 0 once stopped by a signal, 1 when the node could
-    not start or a worker had to be killed at stop.
+    Prints a line to stdout for each listener once it serves (with several workers: once every
+    worker accepts): "AET listening on HOST:PORT", and "AET listening for DICOM TLS on
+    HOST:PORT". Under systemd (Type=notify) it also reports readiness, reloads and stopping.
+    Exits 0 once stopped by a signal, 1 when the node could not start, or had to abort
+    associations or kill a worker at stop.
     """
     from dicomnode.ae import serve
 
@@ -31,8 +37,9 @@ def serve_cmd(state: CliState) -> None:
         click.echo(f"dicomnode: {exc}", err=True)
         sys.exit(ExitCode.USAGE)
 
-    def ready(host: str, port: int) -> None:
-        click.echo(f"{config.ae_title} listening on {host}:{port}")
+    def ready(addresses: list[tuple[str, int, bool]]) -> None:
+        for host, port, tls in addresses:
+            click.echo(f"{config.ae_title} {LISTENING_TLS if tls else LISTENING} {host}:{port}")
         sys.stdout.flush()
 
     status = serve(config, policy, ready)

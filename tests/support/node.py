@@ -29,6 +29,8 @@ class RunningNode:
     port: int
     proc: subprocess.Popen[str]
     log_path: Path
+    # The DICOM TLS port, with tls.enabled; port is then 0 if tls.only.
+    tls_port: int | None = None
 
     @property
     def storage(self) -> Path:
@@ -106,6 +108,8 @@ def write_config(root: Path, ae_title: str = "DICOMNODE", **settings: Any) -> Pa
         "database": "index.sqlite",
         "log_level": "DEBUG",
         "store": {"min_free_space": 0},
+        # A test that leaves an association open at the end should not wait the default 30 s.
+        "service": {"stop_grace": 5},
         # One process, as the tests were written for; tests of several pass workers=N.
         # DICOMNODE_TEST_WORKERS=N runs every other test against N worker processes.
         "workers": _test_workers(),
@@ -146,15 +150,19 @@ def run_node(
             env=env,
         )
     try:
-        host, port = _await_listening(proc, log_path)
+        tls = settings.get("tls") or {}
+        expected = {"plain": not tls.get("only", False), "tls": bool(tls.get("enabled", False))}
+        listening = _await_listening(proc, log_path, expected)
+        host = next(iter(listening.values()))[0]
         node = RunningNode(
             root=root,
             config_path=config,
             ae_title=settings.get("ae_title", "DICOMNODE"),
             host=host,
-            port=port,
+            port=listening.get("plain", (host, 0))[1],
             proc=proc,
             log_path=log_path,
+            tls_port=listening["tls"][1] if "tls" in listening else None,
         )
         yield node
     finally:
@@ -169,8 +177,13 @@ def run_node(
             proc.stdout.close()
 
 
-def _await_listening(proc: subprocess.Popen[str], log_path: Path) -> tuple[str, int]:
+def _await_listening(
+    proc: subprocess.Popen[str], log_path: Path, expected: dict[str, bool]
+) -> dict[str, tuple[str, int]]:
+    """(host, port) of each listener ("plain", "tls") as ``dicomnode serve`` prints them."""
     assert proc.stdout is not None
+    wanted = {kind for kind, on in expected.items() if on}
+    found: dict[str, tuple[str, int]] = {}
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + START_TIMEOUT
@@ -181,10 +194,17 @@ def _await_listening(proc: subprocess.Popen[str], log_path: Path) -> tuple[str, 
             line = proc.stdout.readline()
             if not line:  # the node exited
                 break
-            if " listening on " in line:
-                address = line.rsplit(" listening on ", 1)[1].strip()
-                host, _, port = address.rpartition(":")
-                return host, int(port)
+            for kind, marker in (
+                ("tls", " listening for DICOM TLS on "),
+                ("plain", " listening on "),
+            ):
+                if marker in line:
+                    address = line.rsplit(marker, 1)[1].strip()
+                    host, _, port = address.rpartition(":")
+                    found[kind] = (host, int(port))
+                    break
+            if wanted <= set(found):
+                return found
     finally:
         selector.close()
     proc.kill()

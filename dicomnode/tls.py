@@ -228,6 +228,44 @@ def _reason(exc: OSError) -> str:
     return str(exc.strerror or exc)
 
 
+# --- why a caller's handshake failed ---------------------------------------------------------
+
+# OpenSSL's reason for a failed server-side handshake -> what it means for a DICOM caller.
+_REFUSALS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": (
+        "the caller presented no client certificate (tls.client_certificates: required)"
+    ),
+    "WRONG_VERSION_NUMBER": "not a TLS handshake (a plain DICOM association on the TLS port?)",
+    "HTTP_REQUEST": "not a TLS handshake (an HTTP request)",
+    "UNSUPPORTED_PROTOCOL": "the caller offers only TLS versions older than tls.min_version",
+    "VERSION_TOO_LOW": "the caller offers only TLS versions older than tls.min_version",
+    "NO_SHARED_CIPHER": "no cipher suite in common (we accept the BCP 195 suites only)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the caller does not trust the CA of our certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the caller refused our certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the caller refused our certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the caller says our certificate has expired",
+}
+
+
+def handshake_refusal(exc: BaseException) -> str:
+    """Why a caller's TLS handshake with our listener failed, in words for the log and audit
+    (e.g. no client certificate, one from an unknown CA, TLS 1.1, a plain DICOM caller)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"the caller's certificate is not trusted: {exc.verify_message} (it must be signed "
+            f"by a CA in tls.ca_certificates)"
+        )
+    if isinstance(exc, ssl.SSLError) and exc.reason in _REFUSALS:
+        return _REFUSALS[exc.reason]
+    if isinstance(exc, TimeoutError):
+        return "no TLS handshake within limits.acse_timeout"
+    if isinstance(exc, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError):
+        return "the caller closed the connection during the TLS handshake"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.replace("_", " ").lower()
+    return str(exc) or type(exc).__name__
+
+
 # --- who is at the other end ------------------------------------------------------------------
 
 # X.509 attribute names as getpeercert() spells them -> the short names of RFC 4514.

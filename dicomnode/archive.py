@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -24,13 +24,21 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.audit import AuditLog
-from dicomnode.config import Config, DuplicatePolicy
+from dicomnode.config import AtLimit, Config, DuplicatePolicy
 from dicomnode.encoding import EncodingError, check_dataset
-from dicomnode.index import DuplicateInstance, Index, IndexError_, NewInstance
+from dicomnode.index import (
+    DuplicateInstance,
+    Index,
+    IndexError_,
+    NewInstance,
+    Quota,
+    QuotaExceeded,
+    RemovedStudy,
+)
 from dicomnode.index.query import StoredInstance, count, instances, parse, run
 from dicomnode.mpps import PerformedSteps
 from dicomnode.policy import is_valid_uid, uid_name
-from dicomnode.qr import Model
+from dicomnode.qr import Level, Model
 from dicomnode.status import Status
 from dicomnode.storage import Storage, StorageError
 from dicomnode.worklist import Worklist
@@ -86,11 +94,126 @@ class Archive:
         )
 
     def open(self) -> None:
-        """Prepare the folders (clearing leftover temp files), open the index and expire old
-        worklist items."""
+        """Prepare the folders (clearing leftover temp files), open the index, finish deletions a
+        crash interrupted and expire old worklist items."""
         self.storage.prepare()
         self.index.open()
+        finished = self.finish_deletions()
+        if finished:
+            log.info("removed %d file(s) whose deletion an earlier run left unfinished", finished)
         self.worklist.expire()
+
+    def open_index(self) -> None:
+        """Open only the index, for the maintenance commands: nothing under ``storage_dir`` is
+        touched (a running node's receives live in ``tmp/``) and no worklist item expires."""
+        self.index.open()
+
+    def finish_deletions(self) -> int:
+        """Remove the files journaled for deletion (their rows are gone already) and clear their
+        entries; returns how many entries were cleared."""
+        cleared = 0
+        while True:
+            pending = self.index.pending_deletions()
+            if not pending:
+                return cleared
+            gone = self._remove_files(pending)
+            cleared += len(gone)
+            if len(gone) < len(pending):  # some cannot be removed (logged): try again later
+                return cleared
+
+    def _remove_files(self, paths: list[str]) -> list[str]:
+        """Delete stored files whose rows were removed, then their journal entries.
+
+        Why rows first: a row without its file would be offered by C-FIND and then fail its
+        C-MOVE/C-GET; a file without a row is offered by nothing. The rows went in the one
+        transaction that also journaled these paths (``pending_delete``), so a crash at any
+        point leaves either everything (before the commit) or rows gone and files listed for
+        deletion, which :meth:`finish_deletions` (at the next start, or ``index verify
+        --repair``) completes; a file deleted whose entry stayed is simply cleared then.
+        """
+        gone: list[str] = []
+        for start in range(0, len(paths), 500):
+            removed = self.storage.remove_many(paths[start : start + 500])
+            try:
+                self.index.forget_deletions(removed)
+            except IndexError_ as exc:  # the files are gone; the entries are cleared next time
+                log.error("cannot clear journal entries of deleted files: %s", exc)
+            gone += removed
+        return gone
+
+    def delete(self, level: Level, ids: list[int], by: str = "command") -> list[RemovedStudy]:
+        """Delete patients, studies or series (row ids from ``index.lookup``) with their files,
+        and audit it in one ``delete`` record (PS3.15 A.5.3.4 DICOM Study Deleted). Rows first,
+        then files: see :meth:`_remove_files`."""
+        try:
+            removed = self.index.remove(level, ids)
+        except IndexError_ as exc:
+            self.audit.record("delete", "failure", by=by, level=level.value.lower(), error=str(exc))
+            raise
+        if not removed:
+            return removed
+        self._remove_files([p for r in removed for p in r.paths])
+        fields: dict[str, Any] = {
+            "by": by,
+            "level": level.value.lower(),
+            "patient_id": removed[0].patient_id,
+            "study_uids": [r.study_uid for r in removed],
+            "instances": sum(r.instances for r in removed),
+            "bytes": sum(r.bytes for r in removed),
+        }
+        if level is Level.SERIES:
+            fields["series_uids"] = [u for r in removed for u in r.series_uids]
+        self.audit.record("delete", **fields)
+        return removed
+
+    def _quota(self) -> Quota | None:
+        store = self.config.store
+        if store.max_size <= 0:
+            return None
+        return Quota(store.max_size, store.at_limit is AtLimit.RECYCLE)
+
+    def _check_quota(self, quota: Quota, size: int) -> None:
+        """Before committing, refuse what cannot fit without taking the write lock (one row
+        read). The decision that counts is made again under the lock (``Index.add``), where
+        every worker's stores show."""
+        if size > quota.max_size:
+            raise Rejected(
+                Status.OUT_OF_RESOURCES,
+                f"an instance of {size} bytes is larger than the storage quota "
+                f"(store.max_size {quota.max_size} bytes)",
+            )
+        if not quota.recycle:
+            used = self.index.total().bytes
+            if used + size > quota.max_size:
+                raise Rejected(
+                    Status.OUT_OF_RESOURCES,
+                    f"storage quota reached ({used} bytes stored, {size} more would pass "
+                    f"store.max_size {quota.max_size}; store.at_limit refuse)",
+                )
+
+    def _recycled(self, removed: list[RemovedStudy]) -> None:
+        """Storage recycling removed these studies' rows to make room: remove their files and
+        audit each study (PS3.15 A.5.3.4 DICOM Study Deleted)."""
+        self._remove_files([p for r in removed for p in r.paths])
+        for r in removed:
+            self.audit.record(
+                "delete",
+                by="recycle",
+                level="study",
+                patient_id=r.patient_id,
+                study_uids=[r.study_uid],
+                instances=r.instances,
+                bytes=r.bytes,
+            )
+        log.warning(
+            "storage quota reached (store.max_size %d bytes, store.at_limit recycle): removed "
+            "the %d stud%s received longest ago (%d instances, %d bytes) to store a new instance",
+            self.config.store.max_size,
+            len(removed),
+            "y" if len(removed) == 1 else "ies",
+            sum(r.instances for r in removed),
+            sum(r.bytes for r in removed),
+        )
 
     def close(self) -> None:
         self.index.close()
@@ -138,6 +261,7 @@ class Archive:
         ``temp`` is consumed: moved into the store, or deleted.
         """
         committed: str | None = None
+        quota = self._quota()
         try:
             new = _with(
                 _read_and_check(temp, request),
@@ -149,10 +273,19 @@ class Archive:
             existing = self.index.existing(request.sop_instance_uid)
             if existing is not None:
                 return self._duplicate(new, temp, existing.path)
+            if quota is not None:
+                self._check_quota(quota, int(new.instance["file_size"]))
             committed = self.storage.commit(temp)
             try:
-                self.index.add(_with(new, path=committed))
+                recycled = self.index.add(_with(new, path=committed), quota)
+            except QuotaExceeded as exc:
+                return StoreOutcome(Status.OUT_OF_RESOURCES, str(exc))
             except DuplicateInstance as dup:
+                if dup.existing.path == committed:
+                    # ``index verify --repair`` indexed our committed file (it saw a file
+                    # without a row) between our commit and our write: it is stored.
+                    committed = None
+                    return StoreOutcome(Status.SUCCESS)
                 # Another association indexed the same instance between our look-up and our
                 # write: ours is the duplicate, decided like any other.
                 outcome = self._duplicate(new, self.storage.resolve(committed), dup.existing.path)
@@ -160,6 +293,8 @@ class Archive:
                     committed = None
                 return outcome
             committed = None
+            if recycled:
+                self._recycled(recycled)
             return StoreOutcome(Status.SUCCESS)
         except Rejected as exc:
             return StoreOutcome(exc.status, exc.reason)
@@ -249,12 +384,25 @@ def _read_and_check(path: Path, request: StoreRequest) -> NewInstance:
         )
     if not is_valid_uid(request.sop_class_uid):
         raise Rejected(Status.SOP_CLASS_NOT_SUPPORTED, "Affected SOP Class UID is not a valid UID")
+    ds, new = _parse(path, request.transfer_syntax)
+    _check_identity(ds, request)
+    return new
+
+
+def _parse(path: Path, transfer_syntax: str | None) -> tuple[Dataset, NewInstance]:
+    """Read the header of our Part 10 file (stop before the pixel data), walk the encoding of
+    the whole data set (not of a deflated one), and extract the index's attributes. With
+    ``transfer_syntax`` None the file's File Meta says which."""
     try:
         with path.open("rb") as fp:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=4096)
-            if request.transfer_syntax != DeflatedExplicitVRLittleEndian:
+            if transfer_syntax is None:
+                transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+                if not is_valid_uid(transfer_syntax):
+                    raise EncodingError("no valid Transfer Syntax UID in the File Meta")
+            if transfer_syntax != DeflatedExplicitVRLittleEndian:
                 start = _dataset_offset(fp)
-                check_dataset(fp, start, path.stat().st_size, request.transfer_syntax)
+                check_dataset(fp, start, path.stat().st_size, transfer_syntax)
             # Decode every attribute the index needs now, so decoding errors surface here.
             new = NewInstance.from_dataset(ds)
     except EncodingError as exc:
@@ -263,8 +411,37 @@ def _read_and_check(path: Path, request: StoreRequest) -> NewInstance:
         raise Rejected(
             Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}"
         ) from exc
-    _check_identity(ds, request)
-    return new
+    return ds, new
+
+
+def read_stored(path: Path, relative: str, received_at: str) -> NewInstance:
+    """What the index records of a file already in the store (``index rebuild``, ``index verify
+    --repair``), read and checked as a store would, the request's part taken from the file's own
+    File Meta (PS3.10 7.1). The sender is not in the file: ``received_from`` stays empty.
+    Raises :class:`Rejected` with the reason the file cannot be indexed."""
+    ds, new = _parse(path, None)
+    meta = ds.file_meta
+    request = StoreRequest(
+        sop_class_uid=str(meta.get("MediaStorageSOPClassUID", "") or ""),
+        sop_instance_uid=str(meta.get("MediaStorageSOPInstanceUID", "") or ""),
+        transfer_syntax=str(meta.get("TransferSyntaxUID", "")),
+        calling_ae_title="",
+    )
+    for value, what in ((request.sop_class_uid, "Class"), (request.sop_instance_uid, "Instance")):
+        if not is_valid_uid(value):
+            raise Rejected(
+                Status.INVALID_OBJECT_INSTANCE,
+                f"File Meta Media Storage SOP {what} UID is missing or not a valid UID",
+            )
+    _check_identity(ds, request, "the File Meta's Media Storage")
+    return _with(
+        new,
+        transfer_syntax=request.transfer_syntax,
+        file_size=path.stat().st_size,
+        path=relative,
+        received_from="",
+        received_at=received_at,
+    )
 
 
 def _dataset_offset(fp: BinaryIO) -> int:
@@ -277,7 +454,9 @@ def _dataset_offset(fp: BinaryIO) -> int:
     return 144 + int(struct.unpack("<I", header[8:12])[0])
 
 
-def _check_identity(ds: Dataset, request: StoreRequest) -> None:
+def _check_identity(
+    ds: Dataset, request: StoreRequest, against: str = "the request's Affected"
+) -> None:
     """PS3.4 B.2.3: the data set must be the instance the request names (else A900)."""
     sop_class = str(ds.get("SOPClassUID", "") or "")
     sop_instance = str(ds.get("SOPInstanceUID", "") or "")
@@ -286,15 +465,15 @@ def _check_identity(ds: Dataset, request: StoreRequest) -> None:
     if sop_class != request.sop_class_uid:
         raise Rejected(
             Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            f"data set SOP Class UID {uid_name(sop_class)} differs from the request's "
-            f"{uid_name(request.sop_class_uid)}",
+            f"data set SOP Class UID {uid_name(sop_class)} differs from {against} SOP Class "
+            f"UID {uid_name(request.sop_class_uid)}",
         )
     if not sop_instance:
         raise Rejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "data set has no SOP Instance UID")
     if sop_instance != request.sop_instance_uid:
         raise Rejected(
             Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            "data set SOP Instance UID differs from the request's Affected SOP Instance UID",
+            f"data set SOP Instance UID differs from {against} SOP Instance UID",
         )
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
         value = str(ds.get(keyword, "") or "")

@@ -17,6 +17,8 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,17 @@ _TMP = "tmp"
 
 class StorageError(OSError):
     """A file could not be written or moved into the store."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file found under ``objects/``: its path relative to ``storage_dir`` (as the index
+    records it), absolute path, size and modification time (seconds since the epoch)."""
+
+    relative: str
+    path: Path
+    size: int
+    mtime: float
 
 
 def fsync_dir(path: Path) -> None:
@@ -116,6 +129,47 @@ class Storage:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         fsync_dir(path.parent)
+
+    def remove_many(self, relatives: list[str]) -> list[str]:
+        """Delete stored files (already missing ones count as deleted), each folder fsynced once
+        after its unlinks; returns the paths that are gone now. A path outside ``objects/`` or a
+        file that cannot be unlinked is logged and left (its journal entry stays)."""
+        gone: list[str] = []
+        folders: set[Path] = set()
+        for relative in relatives:
+            try:
+                path = self.resolve(relative)
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.error("cannot delete a stored file: %s", exc)
+                continue
+            folders.add(path.parent)
+            gone.append(relative)
+        for folder in folders:
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(folder)
+        return gone
+
+    def files(self) -> Iterator[StoredFile]:
+        """Every regular file under ``objects/`` (symbolic links are not followed), in no
+        particular order: what ``index rebuild`` and ``index verify`` walk."""
+        stack = [self.objects]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # removed while we walk
+                        continue
+                    relative = str(Path(entry.path).relative_to(self.root))
+                    yield StoredFile(relative, Path(entry.path), st.st_size, st.st_mtime)
 
     def discard(self, temp: Path) -> None:
         """Delete a temporary file that will not be stored."""

@@ -8,6 +8,7 @@ the C-STORE response is sent.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import sqlite3
@@ -26,16 +27,33 @@ from dicomnode.index.attributes import (
     name_groups,
     study_datetime,
 )
+from dicomnode.index.maintenance import (
+    FILL_STUDY_RECEIVED_AT_SQL,
+    RECOUNT_TOTAL_SQL,
+    TOTAL_TRIGGERS,
+    Quota,
+    QuotaExceeded,
+    RemovedStudy,
+    Total,
+    counted_total,
+    drop_instances,
+    enforce_quota,
+    read_total,
+    remove,
+    stats,
+)
 from dicomnode.index.models import (
     MODELS,
     SCHEMA_VERSION,
     BaseModel,
     Instance,
     Patient,
+    PendingDelete,
     PerformedItem,
     PerformedStep,
     PersonName,
     Series,
+    StoreTotal,
     Study,
     WorklistItem,
 )
@@ -50,6 +68,10 @@ __all__ = [
     "IndexError_",
     "InstanceRecord",
     "NewInstance",
+    "Quota",
+    "QuotaExceeded",
+    "RemovedStudy",
+    "Total",
 ]
 
 
@@ -142,6 +164,7 @@ class Index:
         with db.atomic():
             if version == 0:
                 db.create_tables(MODELS)
+                _install_totals(db)
             else:
                 # One step per version, in order; each leaves the schema at its version.
                 for step in _MIGRATIONS[version - 1 :]:
@@ -213,12 +236,18 @@ class Index:
 
     # --- writes ----------------------------------------------------------------------------
 
-    def add(self, new: NewInstance) -> None:
+    def add(self, new: NewInstance, quota: Quota | None = None) -> list[RemovedStudy]:
         """Index a new instance in one transaction.
 
         Raises :class:`DuplicateInstance` when its SOP Instance UID is already indexed (also when
         another association indexed it a moment ago), and :class:`IndexError_` on any database
         failure; either way nothing of this instance is written.
+
+        With ``quota`` the maintained total is checked in the same write transaction, after the
+        row went in, so every worker process sees every other's stores: past ``max_size`` the
+        store is refused with :class:`QuotaExceeded` (nothing written) or, recycling, the rows of
+        the studies received longest ago are removed and their files journaled. Returns those
+        studies; the caller removes their files (:meth:`forget_deletions` after).
         """
         db = self._database()
         uid = new.instance["sop_instance_uid"]
@@ -229,6 +258,9 @@ class Index:
                         con = db.connection()
                         series_id = _series_for(con, new)
                         _insert(con, Instance, {**new.instance, "series_id": series_id})
+                        if quota is None:
+                            return []
+                        return enforce_quota(con, quota, new.study["study_uid"], _now())
                 except (pw.IntegrityError, sqlite3.IntegrityError):
                     # The unique SOP Instance UID refused the row (the transaction, patient to
                     # series, rolled back): someone indexed it first. Anything else is a failure.
@@ -240,6 +272,37 @@ class Index:
             raise
         except (pw.PeeweeException, sqlite3.Error) as exc:
             raise IndexError_(f"index write failed: {exc}") from exc
+
+    def add_many(self, news: list[NewInstance]) -> list[tuple[NewInstance, InstanceRecord]]:
+        """Index many instances in one transaction (``index rebuild``, ``index verify --repair``),
+        each in a savepoint of its own: one whose SOP Instance UID is already indexed is left out
+        and returned with the record that holds it, the others are written. A study's
+        ``received_at`` becomes the earliest of its instances', whatever order they come in."""
+        db = self._database()
+        duplicates: list[tuple[NewInstance, InstanceRecord]] = []
+        try:
+            with db.connection_context(), db.atomic():
+                con = db.connection()
+                for new in news:
+                    try:
+                        with db.atomic():  # nested: a savepoint
+                            series_id = _series_for(con, new)
+                            _insert(con, Instance, {**new.instance, "series_id": series_id})
+                    except (pw.IntegrityError, sqlite3.IntegrityError):
+                        existing = self._record(new.instance["sop_instance_uid"])
+                        if existing is None:
+                            raise
+                        duplicates.append((new, existing))
+                        continue
+                    received = new.instance.get("received_at", "")
+                    con.execute(
+                        "UPDATE study SET received_at = ? WHERE received_at > ? AND id = "
+                        "(SELECT study_id FROM series WHERE id = ?)",
+                        (received, received, series_id),
+                    )
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            raise IndexError_(f"index write failed: {exc}") from exc
+        return duplicates
 
     def replace(self, new: NewInstance) -> str:
         """Point the indexed instance at a new file and attributes; returns the old file's path."""
@@ -255,6 +318,156 @@ class Index:
                 return old_path
         except (pw.PeeweeException, sqlite3.Error) as exc:
             raise IndexError_(f"index write failed: {exc}") from exc
+
+    # --- maintenance (dicomnode.maintenance, the delete command, storage recycling) ---------
+
+    def _write(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``work`` on a connection in one write transaction."""
+        db = self._database()
+        try:
+            with db.connection_context(), db.atomic():
+                return work(db.connection())
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            raise IndexError_(f"index write failed: {exc}") from exc
+
+    def _read(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        db = self._database()
+        try:
+            with db.connection_context():
+                return work(db.connection())
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            raise IndexError_(f"index read failed: {exc}") from exc
+
+    def total(self) -> Total:
+        """The maintained total of instances and bytes (one row; see models.StoreTotal)."""
+        result: Total = self._read(read_total)
+        return result
+
+    def counted_total(self) -> Total:
+        """The total summed over every instance row (for ``index verify``)."""
+        result: Total = self._read(counted_total)
+        return result
+
+    def check_total(self) -> tuple[Total, Total]:
+        """The maintained total and the summed one, from one read snapshot."""
+
+        def work(con: sqlite3.Connection) -> tuple[Total, Total]:
+            con.execute("BEGIN")
+            try:
+                return read_total(con), counted_total(con)
+            finally:
+                con.execute("COMMIT")
+
+        result: tuple[Total, Total] = self._read(work)
+        return result
+
+    def recount_total(self) -> Total:
+        """Set the maintained total to the summed one, under the write lock."""
+
+        def work(con: sqlite3.Connection) -> Total:
+            con.execute(RECOUNT_TOTAL_SQL)
+            return read_total(con)
+
+        result: Total = self._write(work)
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        """What ``dicomnode stats`` shows (see maintenance.stats), from one read snapshot."""
+
+        def work(con: sqlite3.Connection) -> dict[str, Any]:
+            con.execute("BEGIN")  # one snapshot for every count
+            try:
+                return stats(con)
+            finally:
+                con.execute("COMMIT")
+
+        result: dict[str, Any] = self._read(work)
+        return result
+
+    def lookup(self, level: Level, key: str, issuer: str | None = None) -> list[int]:
+        """Row ids of the patients (by Patient ID, and Issuer of Patient ID if given), the study
+        or the series (by its UID) named by ``key``."""
+        if level is Level.PATIENT:
+            sql, params = "SELECT id FROM patient WHERE patient_id = ?", [key]
+            if issuer is not None:
+                sql, params = sql + " AND issuer = ?", [key, issuer]
+        elif level is Level.STUDY:
+            sql, params = "SELECT id FROM study WHERE study_uid = ?", [key]
+        elif level is Level.SERIES:
+            sql, params = "SELECT id FROM series WHERE series_uid = ?", [key]
+        else:
+            raise ValueError(f"cannot look up {level.value} rows")
+        found: list[int] = self._read(
+            lambda con: [int(r[0]) for r in con.execute(sql + " ORDER BY id", params)]
+        )
+        return found
+
+    def remove(self, level: Level, ids: list[int], *, dry_run: bool = False) -> list[RemovedStudy]:
+        """Remove the rows of these patients, studies or series (ids from :meth:`lookup`) and
+        everything under them in one write transaction, journaling their files; the caller
+        removes the files and then calls :meth:`forget_deletions`. ``dry_run`` rolls the
+        transaction back: exactly what would go, for a confirmation prompt."""
+        keyword = {Level.PATIENT: "patients", Level.STUDY: "studies", Level.SERIES: "series"}
+        db = self._database()
+        try:
+            with db.connection_context(), db.atomic() as txn:
+                removed = remove(db.connection(), _now(), **{keyword[level]: ids})
+                if dry_run:
+                    txn.rollback()
+                return removed
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            raise IndexError_(f"index write failed: {exc}") from exc
+
+    def pending_deletions(self, limit: int = 1000) -> list[str]:
+        """Paths journaled for deletion whose entries are still there (oldest first); -1: all."""
+        found: list[str] = self._read(
+            lambda con: [
+                r[0]
+                for r in con.execute(
+                    "SELECT path FROM pending_delete ORDER BY id LIMIT ?", (limit,)
+                )
+            ]
+        )
+        return found
+
+    def forget_deletions(self, paths: list[str]) -> None:
+        """Clear the journal entries of files that are gone now."""
+        self._write(
+            lambda con: con.executemany(
+                "DELETE FROM pending_delete WHERE path = ?", [(p,) for p in paths]
+            )
+        )
+
+    def instance_files(self) -> dict[str, tuple[int, int, str]]:
+        """Every instance row as ``{path: (row id, file_size, SOP Instance UID)}``, from one read
+        snapshot (``index verify``)."""
+        found: dict[str, tuple[int, int, str]] = self._read(
+            lambda con: {
+                path: (int(row_id), int(size), uid)
+                for row_id, path, size, uid in con.execute(
+                    "SELECT id, path, file_size, sop_instance_uid FROM instance"
+                )
+            }
+        )
+        return found
+
+    def drop_instances(self, rows: list[tuple[int, str]]) -> int:
+        """Delete instance rows (id, path) whose files are gone (see maintenance.drop_instances)."""
+        dropped: int = self._write(lambda con: drop_instances(con, rows))
+        return dropped
+
+    def update_file_size(self, row_id: int, path: str, size: int) -> bool:
+        """Record a file's size on its row (if the row still points at ``path``)."""
+        changed: bool = self._write(
+            lambda con: (
+                con.execute(
+                    "UPDATE instance SET file_size = ? WHERE id = ? AND path = ?",
+                    (size, row_id, path),
+                ).rowcount
+                == 1
+            )
+        )
+        return changed
 
     # --- Modality Worklist and MPPS (dicomnode.worklist, dicomnode.mpps) -------------------
 
@@ -415,6 +628,7 @@ def _series_for(con: sqlite3.Connection, new: NewInstance) -> int:
             **st,
             "patient_id": patient_id,
             "study_datetime": study_datetime(st.get("study_date", ""), st.get("study_time", "")),
+            "received_at": new.instance.get("received_at", ""),
         }
         study_id = _insert(con, Study, values)
         modalities = ""
@@ -486,9 +700,12 @@ def _v1_to_v2(db: PooledSqliteDatabase) -> None:
     db.create_tables([PersonName])
     db.execute_sql("ALTER TABLE study ADD COLUMN study_datetime TEXT NOT NULL DEFAULT ''")
     db.execute_sql("CREATE INDEX study_study_datetime ON study (study_datetime)")
-    for patient in Patient.select():
+    # Only the columns a v1 index has (the models have grown since).
+    patient_names = [getattr(Patient, a.column) for a in PERSON_NAMES if a.level is Level.PATIENT]
+    study_names = [getattr(Study, a.column) for a in PERSON_NAMES if a.level is Level.STUDY]
+    for patient in Patient.select(Patient.id, *patient_names):
         _add_names(patient, Level.PATIENT)
-    for study in Study.select():
+    for study in Study.select(Study.id, Study.study_date, Study.study_time, *study_names):
         study.study_datetime = study_datetime(study.study_date, study.study_time)
         study.save(only=[Study.study_datetime])
         _add_names(study, Level.STUDY)
@@ -504,9 +721,31 @@ def _v3_to_v4(db: PooledSqliteDatabase) -> None:
     db.create_tables([WorklistItem, PerformedStep, PerformedItem])
 
 
+def _v4_to_v5(db: PooledSqliteDatabase) -> None:
+    """Add study.received_at (filled from the studies' instances), the maintained total with its
+    triggers (counted from what is held) and the deletion journal (empty)."""
+    db.execute_sql("ALTER TABLE study ADD COLUMN received_at TEXT NOT NULL DEFAULT ''")
+    db.execute_sql("CREATE INDEX study_received_at ON study (received_at)")
+    db.execute_sql(FILL_STUDY_RECEIVED_AT_SQL)
+    db.create_tables([StoreTotal, PendingDelete])
+    _install_totals(db)
+
+
+def _install_totals(db: PooledSqliteDatabase) -> None:
+    """The triggers that keep store_total, and its one row counted from the instance table."""
+    for sql in TOTAL_TRIGGERS:
+        db.execute_sql(sql)
+    db.execute_sql(RECOUNT_TOTAL_SQL)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
 # _MIGRATIONS[v - 1] takes an index from schema version v to v + 1.
 _MIGRATIONS: tuple[Callable[[PooledSqliteDatabase], None], ...] = (
     _v1_to_v2,
     _v2_to_v3,
     _v3_to_v4,
+    _v4_to_v5,
 )

@@ -11,7 +11,9 @@ import peewee as pw
 # 1: the hierarchy. 2: person_name keys and study.study_datetime, for C-FIND matching.
 # 3: an index on patient.birth_date (PatientBirthDate ranges without a scan).
 # 4: worklist_item, performed_step and performed_item (Modality Worklist, MPPS).
-SCHEMA_VERSION = 4
+# 5: study.received_at (storage recycling order), store_total kept by triggers (the quota),
+#    pending_delete (the journal that makes deleting rows and then files crash-safe).
+SCHEMA_VERSION = 5
 
 
 class BaseModel(pw.Model):
@@ -51,6 +53,10 @@ class Study(BaseModel):
     modalities = pw.TextField(default="")
     # StudyDate + StudyTime normalised (attributes.study_datetime), for date-time ranges.
     study_datetime = pw.TextField(default="", index=True)
+    # When its first instance was received (ISO 8601, UTC): storage recycling removes the
+    # studies received longest ago first. "" for rows written without it (recycled first); the
+    # DDL default too, as the v5 migration adds it, so plain INSERTs that omit it still work.
+    received_at = pw.TextField(default="", index=True, constraints=[pw.SQL("DEFAULT ''")])
 
 
 class Series(BaseModel):
@@ -160,6 +166,27 @@ class PerformedItem(BaseModel):
         indexes = ((("step", "item_id"), True),)
 
 
+class StoreTotal(BaseModel):
+    """One row (id 1): how many instances the index holds and their bytes, kept by triggers on
+    ``instance`` (``index.maintenance.TOTAL_TRIGGERS``) inside the very transaction that changes
+    an instance row. So the storage quota reads one row instead of summing the table, and every
+    process of a node (and the maintenance commands) sees the same total under the write lock."""
+
+    instances = pw.IntegerField(default=0)
+    bytes = pw.IntegerField(default=0)
+
+
+class PendingDelete(BaseModel):
+    """Files whose rows are already deleted (``dicomnode delete``, storage recycling) and that are
+    to be removed. Rows go first, with their paths entered here in the same transaction, so no
+    query ever offers an instance whose file is gone; the files go next and their entries last.
+    Entries left by a crash in between are finished when the node starts, or by
+    ``dicomnode index verify --repair``."""
+
+    path = pw.TextField(unique=True)  # relative to storage_dir, as instance.path was
+    queued_at = pw.TextField()  # ISO 8601, UTC
+
+
 MODELS: tuple[type[BaseModel], ...] = (
     Patient,
     Study,
@@ -169,4 +196,6 @@ MODELS: tuple[type[BaseModel], ...] = (
     WorklistItem,
     PerformedStep,
     PerformedItem,
+    StoreTotal,
+    PendingDelete,
 )

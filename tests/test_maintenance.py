@@ -530,4 +530,10 @@ def test_delete_of_nothing_fails_and_deletes_nothing(loaded: RunningNode) -> Non
     assert done.returncode == ExitCode.FAILURE
     assert "no study '1.2.3.4.5' in the index" in done.stderr
     assert loaded.stored_files() == before
+    # No answer to the question (end of input, as from cron without --yes) is a no.
+    study = loaded.rows("SELECT study_uid FROM study LIMIT 1")[0]["study_uid"]
+    unanswered = cli(loaded, "delete", "study", study)
+    assert unanswered.returncode == ExitCode.CANCEL, unanswered.stdout + unanswered.stderr
+    assert "nothing deleted" in unanswered.stdout
+    assert loaded.stored_files() == before
     assert audit_records(loaded, "delete") == []

@@ -261,6 +261,15 @@ def _summary(removed: list[RemovedStudy]) -> str:
     )
 
 
+def _confirmed(question: str) -> bool:
+    """Ask on the terminal; no answer (end of input, as under cron without --yes) is a no."""
+    try:
+        return click.confirm(question, default=False)
+    except click.Abort:
+        click.echo("")
+        return False
+
+
 @click.command("delete")
 @with_config
 @click.argument("level", type=click.Choice(list(_LEVELS)))
@@ -294,7 +303,7 @@ def delete_cmd(state: CliState, level: str, key: str, issuer: str | None, yes: b
                 f"  patient {r.patient_id}  study {r.study_uid}  {part}: "
                 f"{r.instances} instance(s), {_size(r.bytes)}"
             )
-        if not yes and not click.confirm("Delete these rows and files?", default=False):
+        if not yes and not _confirmed("Delete these rows and files?"):
             click.echo("nothing deleted")
             sys.exit(ExitCode.CANCEL)
         removed = archive.delete(which, ids, by="command")

@@ -14,7 +14,7 @@ import filecmp
 import logging
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -63,6 +63,7 @@ class StoreOutcome:
     status: Status
     reason: str = ""
     replaced: bool = False  # a duplicate with different content took the stored copy's place
+    study_uid: str = ""  # the instance's study, once the data set was read (for the audit trail)
 
 
 class TooManyMatches(Exception):
@@ -270,9 +271,10 @@ class Archive:
                 received_from=request.calling_ae_title,
                 received_at=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
             )
+            study = str(new.study.get("study_uid") or "")
             existing = self.index.existing(request.sop_instance_uid)
             if existing is not None:
-                return self._duplicate(new, temp, existing.path)
+                return replace(self._duplicate(new, temp, existing.path), study_uid=study)
             if quota is not None:
                 self._check_quota(quota, int(new.instance["file_size"]))
             committed = self.storage.commit(temp)
@@ -285,17 +287,17 @@ class Archive:
                     # ``index verify --repair`` indexed our committed file (it saw a file
                     # without a row) between our commit and our write: it is stored.
                     committed = None
-                    return StoreOutcome(Status.SUCCESS)
+                    return StoreOutcome(Status.SUCCESS, study_uid=study)
                 # Another association indexed the same instance between our look-up and our
                 # write: ours is the duplicate, decided like any other.
                 outcome = self._duplicate(new, self.storage.resolve(committed), dup.existing.path)
                 if outcome.replaced:
                     committed = None
-                return outcome
+                return replace(outcome, study_uid=study)
             committed = None
             if recycled:
                 self._recycled(recycled)
-            return StoreOutcome(Status.SUCCESS)
+            return StoreOutcome(Status.SUCCESS, study_uid=study)
         except Rejected as exc:
             return StoreOutcome(exc.status, exc.reason)
         except IndexError_ as exc:

@@ -37,8 +37,10 @@ from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.status import QR_GET_SERVICE_CLASS_STATUS, QR_MOVE_SERVICE_CLASS_STATUS
 
 from dicomnode import scu, transcode
+from dicomnode.audit import FAILURE, SUCCESS, status_code
 from dicomnode.config import Peer
 from dicomnode.dimse_codec import command_set
+from dicomnode.handlers import peer_address, query_level
 from dicomnode.index.query import QueryError, StoredInstance
 from dicomnode.policy import uid_name
 from dicomnode.qr import Operation, model_of
@@ -68,15 +70,17 @@ _PDU_HEADER = struct.Struct(">BBIIBB")  # P-DATA-TF with one PDV item (PS3.8 9.3
 
 @dataclass
 class Tally:
-    """Sub-operation counts (PS3.4 C.4.2.1.4), and the SOP Instance UIDs that failed."""
+    """Sub-operation counts (PS3.4 C.4.2.1.4), the SOP Instance UIDs that failed, and the
+    studies whose instances were sent (for the audit trail), in order."""
 
     remaining: int
     completed: int = 0
     failed: int = 0
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
+    studies: dict[str, None] = field(default_factory=dict)
 
-    def record(self, uid: str, status: int | None) -> None:
+    def record(self, uid: str, status: int | None, study_uid: str = "") -> None:
         self.remaining -= 1
         outcome = Category.FAILURE if status is None else category(status)
         if outcome is Category.SUCCESS:
@@ -86,6 +90,9 @@ class Tally:
         else:
             self.failed += 1
             self.failed_uids.append(uid)
+            return
+        if study_uid:
+            self.studies[study_uid] = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,9 @@ class _Retrieval:
         self.operation = Operation.MOVE if move else Operation.GET
         self.name = self.operation.value
         self.msg_id = int(req.MessageID or 0)
+        # As the request names it (for the audit trail, also when it is refused).
+        self.move_destination = str(cast(C_MOVE, req).MoveDestination or "").strip() if move else ""
+        self.level: str | None = None
         self.service.statuses = (
             QR_MOVE_SERVICE_CLASS_STATUS if move else QR_GET_SERVICE_CLASS_STATUS
         )
@@ -147,6 +157,7 @@ class _Retrieval:
                 return
         try:
             identifier = self._identifier()
+            self.level = query_level(identifier)
             items = self.node.archive.retrieve(model, identifier)
         except QueryError as exc:
             status = (
@@ -182,7 +193,7 @@ class _Retrieval:
 
     def _destination(self) -> Peer | None:
         """The configured peer the C-MOVE names; never an address the caller gives."""
-        wanted = str(cast(C_MOVE, self.req).MoveDestination or "").strip()
+        wanted = self.move_destination
         config = self.node.config
         peer = config.peer_by_ae_title(wanted)
         if peer is None:
@@ -225,7 +236,7 @@ class _Retrieval:
                         "" if sent.status is None else f" ({describe(sent.status)})",
                         sent.reason or "refused by the destination",
                     )
-                tally.record(item.sop_instance_uid, sent.status)
+                tally.record(item.sop_instance_uid, sent.status, item.study_uid)
                 if tally.remaining:
                     self._respond(Status.PENDING, tally, with_failures=False)
         finally:
@@ -239,6 +250,7 @@ class _Retrieval:
                 tally.failed,
                 tally.remaining,
             )
+            self._audit(Status.CANCEL, tally)
             self._respond(Status.CANCEL, tally, with_failures=True, remaining=True)
             return True
         return False
@@ -269,6 +281,7 @@ class _Retrieval:
             tally.failed,
             tally.warning,
         )
+        self._audit(status, tally)
         self._respond(status, tally, with_failures=status != Status.SUCCESS)
 
     # --- responses -------------------------------------------------------------------------
@@ -281,7 +294,32 @@ class _Retrieval:
             describe(status, self.operation),
             reason,
         )
+        self._audit(status, None, reason)
         self._respond(status, None, with_failures=False)
+
+    def _audit(self, status: Status, tally: Tally | None, reason: str = "") -> None:
+        """The audit trail's ``retrieve`` record (PS3.15 A.5.3.2 DICOM Instances Transferred,
+        from us): who asked, to where, at which level, which studies went, the counts. A
+        refusal, or any failed sub-operation, makes it a ``failure`` record."""
+        audit = self.node.archive.audit
+        if not audit.enabled:
+            return
+        failed = category(status) is Category.FAILURE or (tally is not None and tally.failed > 0)
+        fields: dict[str, Any] = {
+            "calling_ae": self.calling,
+            "address": peer_address(self.assoc),
+            "operation": "move" if self.move else "get",
+            "destination": self.move_destination if self.move else None,
+            "level": self.level,
+            "study_uids": list(tally.studies) if tally is not None else [],
+            "completed": tally.completed if tally is not None else 0,
+            "failed": tally.failed if tally is not None else 0,
+            "warning": tally.warning if tally is not None else 0,
+            "status": status_code(status),
+        }
+        if reason:
+            fields["reason"] = reason
+        audit.record("retrieve", FAILURE if failed else SUCCESS, **fields)
 
     def _respond(
         self, status: Status, tally: Tally | None, *, with_failures: bool, remaining: bool = False

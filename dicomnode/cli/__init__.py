@@ -8,7 +8,9 @@ not be reached or refused the association.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,37 @@ def setup_logging(verbosity: int, default: str = "WARNING") -> None:
     logging.getLogger("pynetdicom").setLevel(max(logging.getLevelName(level), logging.WARNING))
     # peewee logs every SQL statement and pool hand-over at DEBUG.
     logging.getLogger("peewee").setLevel(logging.INFO)
+    # pydicom logs each value it finds invalid at WARNING, quoted (a birth date written
+    # 1937-06-11, a name as a date): the log says what was wrong, never the value. It also
+    # repeats each of those lines as a Python warning, two raw lines on stderr: those are dropped.
+    pydicom_log = logging.getLogger("pydicom")
+    if not any(isinstance(f, WithholdValues) for f in pydicom_log.filters):
+        pydicom_log.addFilter(WithholdValues())
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+
+
+class WithholdValues(logging.Filter):
+    """Rewrites pydicom's messages that quote a data element's value (PS3.5 6.2 VR checks) to
+    name only the VR: no patient data in the operational log at WARNING (issue 6)."""
+
+    # pydicom.valuerep: "Invalid value for VR DA: '...'." (after a length complaint, maybe) and
+    # 'Value "..." is not valid for elements with a VR of IS'.
+    _QUOTING = (
+        (re.compile(r"Invalid value for VR (\w+): .*", re.DOTALL), r"Invalid value for VR \1"),
+        (
+            re.compile(r'Value ".*" is not valid for elements with a VR of (\w+)', re.DOTALL),
+            r"Value not valid for VR \1",
+        ),
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        for pattern, replacement in self._QUOTING:
+            if pattern.search(message):
+                withheld = f"{replacement} (value withheld from the log)"
+                record.msg, record.args = pattern.sub(withheld, message), None
+                break
+        return True
 
 
 class _UsageError(click.UsageError):

@@ -12,9 +12,10 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from dicomnode.audit import FAILURE, SUCCESS, status_code
 from dicomnode.encoding import check_dataset
 from dicomnode.index.query import QueryError
-from dicomnode.status import Status
+from dicomnode.status import Category, Status, category
 from dicomnode.worklist import decode_values
 
 # The request parameter holding each event's data set, and the event property decoding it.
@@ -23,6 +24,52 @@ _DATASETS = {
     "attribute_list": "AttributeList",
     "modification_list": "ModificationList",
 }
+
+
+def peer_address(assoc: Any) -> str | None:
+    """The IP address the association's requestor connects from (for the audit trail)."""
+    info = getattr(assoc.requestor, "address_info", None)
+    address = getattr(info, "address", None)
+    return None if address is None else str(address)
+
+
+def query_level(identifier: Dataset) -> str | None:
+    """The Query/Retrieve Level (0008,0052) an identifier asks for, as sent (for the audit
+    trail; the archive checks it), or None when it has none or it cannot be read."""
+    try:
+        value = identifier.get("QueryRetrieveLevel")
+    except Exception:  # an undecodable identifier: the archive answers it
+        return None
+    return None if value is None else str(value).strip()[:16]  # a CS holds 16 characters
+
+
+def audit_query(
+    event: Any,
+    node: Any,
+    model: str,
+    level: str | None,
+    matches: int,
+    status: int | None,
+    reason: str = "",
+) -> None:
+    """The audit trail's ``query`` record of one C-FIND (PS3.15 A.5.3.10 Query): who asked,
+    in which model at which level, how many matches were sent, and the final status (None: the
+    association ended first). Failure statuses (and no status) are ``failure`` records."""
+    audit = node.archive.audit
+    if not audit.enabled:
+        return
+    ok = status is not None and category(status) is not Category.FAILURE
+    fields: dict[str, Any] = {
+        "calling_ae": node.calling_ae_title(event.assoc),
+        "address": peer_address(event.assoc),
+        "model": model,
+        "level": level,
+        "matches": matches,
+        "status": None if status is None else status_code(status),
+    }
+    if reason:
+        fields["reason"] = reason
+    audit.record("query", SUCCESS if ok else FAILURE, **fields)
 
 
 def query_failure(exc: QueryError) -> Status:

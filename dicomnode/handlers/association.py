@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pynetdicom.events import Event
 
 from dicomnode.audit import FAILURE
+from dicomnode.handlers.store import audit_stores
 from dicomnode.policy import Decision
 from dicomnode.tls import tls_peer
 
@@ -185,6 +186,8 @@ def on_conn_close(event: Event, node: Node) -> None:
             node.calling_ae_title(assoc),
             dropped,
         )
+    # The audit trail's record of what the association stored, per study.
+    audit_stores(assoc, node)
     counts = node.forget(assoc)
     if counts:
         log.info(

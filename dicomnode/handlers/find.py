@@ -12,7 +12,7 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.events import Event
 
 from dicomnode.archive import TooManyMatches
-from dicomnode.handlers import query_failure
+from dicomnode.handlers import audit_query, query_failure, query_level
 from dicomnode.handlers.worklist import handle_worklist_find
 from dicomnode.index.query import QueryError, for_transfer_syntax
 from dicomnode.policy import uid_name
@@ -36,32 +36,54 @@ def handle_find(event: Event, node: Node) -> Iterator[Response]:
         return
     model = model_of(sop_class, Operation.FIND)
     if model is None:
-        yield _failed(calling, Status.SOP_CLASS_NOT_SUPPORTED, f"{uid_name(sop_class)} model")
+        name = uid_name(sop_class)
+        yield _failed(event, node, name, None, Status.SOP_CLASS_NOT_SUPPORTED, f"{name} model")
         return
+    identifier = event.identifier
+    level = query_level(identifier)
     # The answers are written in the negotiated transfer syntax: say so, so that encoding them
     # copies their already encoded values (query.for_transfer_syntax).
     syntax = UID(event.context.transfer_syntax)
     implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
     matched = 0
+    audited = False
     try:
-        for answer in node.archive.find(model, event.identifier):
-            # PS3.4 C.4.1.2.3: a C-CANCEL ends the matching; the final status is Cancel.
-            if event.is_cancelled:
-                log.info("C-FIND from %s cancelled after %d matches", calling, matched)
-                yield Status.CANCEL, None
-                return
-            matched += 1
-            yield Status.PENDING, for_transfer_syntax(answer, implicit, little)
-    except QueryError as exc:
-        yield _failed(calling, query_failure(exc), exc.reason)
-        return
-    except TooManyMatches as exc:
-        yield _failed(calling, Status.OUT_OF_RESOURCES, str(exc))
-        return
-    log.info("C-FIND from %s (%s): %d matches", calling, model.value, matched)
-    yield Status.SUCCESS, None
+        try:
+            for answer in node.archive.find(model, identifier):
+                # PS3.4 C.4.1.2.3: a C-CANCEL ends the matching; the final status is Cancel.
+                if event.is_cancelled:
+                    log.info("C-FIND from %s cancelled after %d matches", calling, matched)
+                    audited = True
+                    audit_query(event, node, model.value, level, matched, Status.CANCEL)
+                    yield Status.CANCEL, None
+                    return
+                matched += 1
+                yield Status.PENDING, for_transfer_syntax(answer, implicit, little)
+        except QueryError as exc:
+            audited = True
+            yield _failed(event, node, model.value, level, query_failure(exc), exc.reason)
+            return
+        except TooManyMatches as exc:
+            audited = True
+            yield _failed(event, node, model.value, level, Status.OUT_OF_RESOURCES, str(exc))
+            return
+        log.info("C-FIND from %s (%s): %d matches", calling, model.value, matched)
+        audited = True
+        audit_query(event, node, model.value, level, matched, Status.SUCCESS)
+        yield Status.SUCCESS, None
+    finally:
+        if not audited:
+            # The association ended (or the answers failed) before a final status: what was
+            # sent until then was still disclosed.
+            audit_query(
+                event, node, model.value, level, matched, None, "no final response was sent"
+            )
 
 
-def _failed(calling: str, status: Status, reason: str) -> Response:
+def _failed(
+    event: Event, node: Node, model: str, level: str | None, status: Status, reason: str
+) -> Response:
+    calling = node.calling_ae_title(event.assoc)
     log.warning("C-FIND from %s failed, %s: %s", calling, describe(status, Operation.FIND), reason)
+    audit_query(event, node, model, level, 0, status, reason)
     return status, None

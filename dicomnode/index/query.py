@@ -56,6 +56,23 @@ _TABLE: dict[Level, Any] = {
 }
 
 
+def shown(label: str, value: str) -> str:
+    """``value`` quoted for a :class:`QueryError`'s reason, which the node logs at WARNING;
+    for a key holding patient data (a Patient... keyword, a person's name) only that it was
+    withheld: no patient names, IDs or birth dates in the operational log (issue 6; the audit
+    trail records who asked)."""
+    keyword = label.rsplit(".", 1)[-1]
+    try:
+        vr = dictionary_VR(keyword)
+    except KeyError:
+        vr = ""
+    if not value:
+        return "none"
+    if keyword.startswith(("Patient", "OtherPatient", "IssuerOfPatient")) or vr == "PN":
+        return "a value (withheld from the log: patient data)"
+    return repr(value)
+
+
 class QueryError(ValueError):
     """An identifier that cannot be answered; ``hierarchy`` tells which failure status fits."""
 
@@ -106,7 +123,7 @@ def parse(
         if not value or "\\" in value or "*" in value or "?" in value:
             raise QueryError(
                 f"a {level.value} query must carry a single {key.keyword} "
-                f"(the unique key of the {upper.value} level), got {value or 'none'!r}",
+                f"(the unique key of the {upper.value} level), got {shown(key.keyword, value)}",
                 hierarchy=True,
             )
     if retrieve:
@@ -115,7 +132,7 @@ def parse(
         if not value or "*" in value or "?" in value:
             raise QueryError(
                 f"a {level.value} retrieval must name what to retrieve by {key.keyword} "
-                f"(one value or a list), got {value or 'none'!r}",
+                f"(one value or a list), got {shown(key.keyword, value)}",
                 hierarchy=True,
             )
     for elem in identifier:
@@ -147,7 +164,9 @@ def _check_value(attr: Attribute, value: str) -> str:
     elif attr.kind in (Kind.DATE, Kind.TIME):
         _range(attr, value)  # raises on a malformed range
     elif attr.kind in (Kind.INTEGER, Kind.COUNT) and not value.lstrip("+-").isdigit():
-        raise QueryError(f"{attr.keyword}: {value!r} is not an integer", hierarchy=False)
+        raise QueryError(
+            f"{attr.keyword}: {shown(attr.keyword, value)} is not an integer", hierarchy=False
+        )
     return value
 
 
@@ -172,19 +191,21 @@ def date_time_range(label: str, vr: str, value: str) -> tuple[str, str]:
     if not dash:
         high = low
     if not low and not high:
-        raise QueryError(f"{label}: {value!r} is an empty range", hierarchy=False)
+        raise QueryError(f"{label}: {shown(label, value)} is an empty range", hierarchy=False)
     if vr == "DA":
         for part in (low, high):
             if part and (len(part) != 8 or not part.isdigit()):
                 raise QueryError(
-                    f"{label}: {value!r} is not a date or date range (YYYYMMDD, "
+                    f"{label}: {shown(label, value)} is not a date or date range (YYYYMMDD, "
                     "YYYYMMDD-, -YYYYMMDD, YYYYMMDD-YYYYMMDD; PS3.4 C.2.2.2.5)",
                     hierarchy=False,
                 )
         return low or "00000000", high or "99999999"
     lo, hi = pad_time(low, "0"), pad_time(high, "9")
     if not lo or not hi:
-        raise QueryError(f"{label}: {value!r} is not a time or time range", hierarchy=False)
+        raise QueryError(
+            f"{label}: {shown(label, value)} is not a time or time range", hierarchy=False
+        )
     return lo, hi
 
 
@@ -411,6 +432,7 @@ class StoredInstance:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
+    study_uid: str = ""  # for the audit trail's record of what a retrieval sent
 
 
 def instances(query: Query) -> list[StoredInstance]:
@@ -418,7 +440,7 @@ def instances(query: Query) -> list[StoredInstance]:
     select: Any = (
         Instance.select(
             Instance.path, Instance.sop_class_uid, Instance.sop_instance_uid,
-            Instance.transfer_syntax,
+            Instance.transfer_syntax, Study.study_uid,
         )
         .join_from(Instance, Series)
         .join_from(Series, Study)
@@ -429,7 +451,13 @@ def instances(query: Query) -> list[StoredInstance]:
         select = select.where(condition)
     order = (Study.id, Series.series_number, Instance.instance_number, Instance.id)
     return [
-        StoredInstance(r["path"], r["sop_class_uid"], r["sop_instance_uid"], r["transfer_syntax"])
+        StoredInstance(
+            r["path"],
+            r["sop_class_uid"],
+            r["sop_instance_uid"],
+            r["transfer_syntax"],
+            r["study_uid"],
+        )
         for r in select.order_by(*order).dicts()
     ]
 

@@ -44,7 +44,13 @@ from dicomnode.index.attributes import (
     text_value,
 )
 from dicomnode.index.models import WorklistItem
-from dicomnode.index.query import QueryError, date_time_range, glob_pattern, raw_element
+from dicomnode.index.query import (
+    QueryError,
+    date_time_range,
+    glob_pattern,
+    raw_element,
+    shown,
+)
 
 COMPLETED = "COMPLETED"
 _CHARSET = Tag(0x00080005)
@@ -177,11 +183,13 @@ def _range(label: str, vr: str, value: str) -> tuple[str, str]:
     if not dash:
         high = low
     if not low and not high:
-        raise QueryError(f"{label}: {value!r} is an empty range", hierarchy=False)
+        raise QueryError(f"{label}: {shown(label, value)} is an empty range", hierarchy=False)
     # DT: compare the digits, the missing tail as the lowest or highest value (offsets ignored).
     dt_low, dt_high = _datetime(low, "0"), _datetime(high, "9")
     if dt_low is None or dt_high is None:
-        raise QueryError(f"{label}: {value!r} is not a date-time range", hierarchy=False)
+        raise QueryError(
+            f"{label}: {shown(label, value)} is not a date-time range", hierarchy=False
+        )
     return dt_low, dt_high
 
 

@@ -52,7 +52,7 @@ from dicomnode.policy import ConformanceError, Decision, Policy, Profile, load_p
 from dicomnode.reactor import install_reactor_hooks
 from dicomnode.receive import Receiver, install_receive_hooks
 from dicomnode.retrieve import install_retrieve_hooks
-from dicomnode.tls import TlsError, server_context
+from dicomnode.tls import TlsError, handshake_refusal, server_context
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,7 @@ class Node:
         self.receiver = Receiver(self.archive.storage, config.store.min_free_space)
         self.ae = self._build_ae()
         self.servers: list[_NodeServer] = []
+        self._listening = False
         self.access = AccessRules(config)
         # Built here so a certificate problem stops the node before it listens.
         self.tls_context = server_context(config.tls) if config.tls.enabled else None
@@ -289,6 +290,7 @@ class Node:
             self.archive.index.open()
         for listener in listeners:
             self.servers.append(self._serve_on(listener))
+        self._listening = True
         return [listener.address for listener in listeners]
 
     def _warm_contexts(self) -> None:
@@ -334,9 +336,7 @@ class Node:
     def tls_refused(self, client_address: Any, exc: BaseException) -> None:
         """A TLS handshake failed or timed out: no association, nothing to negotiate."""
         host, port = (*tuple(client_address), "?", "?")[:2]
-        why = (
-            "no handshake within limits.acse_timeout" if isinstance(exc, TimeoutError) else str(exc)
-        )
+        why = handshake_refusal(exc)
         log.warning("DICOM TLS connection from %s:%s refused: %s", host, port, why)
         self.archive.audit.record(
             "association-rejected",
@@ -391,10 +391,13 @@ class Node:
         return True
 
     def stop_listening(self) -> None:
-        """Accept no more connections (the first step of a stop)."""
+        """Accept no more connections (the first step of a stop). The servers stay in
+        ``servers``: their associations are still this node's to drain."""
+        if not self._listening:
+            return
+        self._listening = False
         for server in self.servers:
             server.shutdown()
-        self.servers = []
 
     def drain(self, grace: float) -> int:
         """Let the associations in flight finish for up to ``grace`` seconds, then abort the
@@ -461,6 +464,10 @@ def _on_conn_close_release(event: Any, node: Node) -> None:
     node.publish_load(leaving=event.assoc)
 
 
+class TooManyHandshakes(OSError):
+    """As many TLS handshakes are in progress as associations are allowed."""
+
+
 @dataclass
 class Listener:
     """A listening socket of the node: the plain DICOM port or the DICOM TLS port."""
@@ -489,6 +496,9 @@ class _NodeServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, listener: Listener, node: Node, **kwargs: Any) -> None:
         self._listener = listener
         self._node = node
+        # Handshakes in progress at once: no more than the associations that could follow
+        # them, so a flood of silent connections cannot pile up threads.
+        self._handshakes = threading.BoundedSemaphore(node.config.limits.max_associations)
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
@@ -530,6 +540,15 @@ class _NodeServer(ThreadedAssociationServer):
         thread only to start the association's own): then the load counts it at once. A TLS
         connection first needs its handshake, which may take a round trip or a slow peer."""
         if isinstance(request, ssl.SSLSocket):
+            if not self._handshakes.acquire(blocking=False):
+                self._node.tls_refused(
+                    client_address,
+                    TooManyHandshakes(
+                        "as many TLS handshakes in progress as limits.max_associations"
+                    ),
+                )
+                self.shutdown_request(request)
+                return
             thread = threading.Thread(
                 target=self._handshake_then_serve,
                 args=(request, client_address),
@@ -557,6 +576,8 @@ class _NodeServer(ThreadedAssociationServer):
             self._node.tls_refused(client_address, exc)
             self.shutdown_request(request)
             return
+        finally:
+            self._handshakes.release()
         request.settimeout(self.ae.network_timeout)
         self._serve(request, client_address)
 

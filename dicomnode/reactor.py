@@ -140,8 +140,8 @@ class EventDUL(DULServiceProvider):
 
     def _read_pdu_data(self) -> None:
         """pynetdicom's PDU read (dul.py, 3.0.x), refusing a declared length past the bound
-        (:func:`pdu_length_bound`) before reading or allocating anything of it: the PDU is
-        treated as invalid (Evt19), which aborts the association (PS3.8 9.2, action AA-8)."""
+        (:func:`pdu_length_bound`) before reading or allocating anything of it: the association
+        is aborted and the connection closed at once (nothing after it can be read as a PDU)."""
         transport = self.socket
         if transport is None:
             self.event_queue.put("Evt17")
@@ -169,7 +169,7 @@ class EventDUL(DULServiceProvider):
                 pdu_length,
                 f", more than the {bound} allowed" if bound is not None else " (unknown type)",
             )
-            self.event_queue.put("Evt19")
+            self._abort_now(_INVALID_PDU_PARAMETER if bound is not None else _UNRECOGNIZED_PDU)
             return
         try:
             body = transport.recv(pdu_length)
@@ -256,6 +256,11 @@ class EventDUL(DULServiceProvider):
         finally:
             self._wake.close()
             association_wake(self.assoc).set()
+            if self.assoc.is_acceptor and self.assoc.requestor.primitive is None:
+                # The connection ended before an A-ASSOCIATE-RQ: wake the association thread,
+                # waiting up to acse_timeout for one, as that timeout would (None), so that it
+                # closes the connection and frees its place now.
+                self.to_user_queue.put(None)  # type: ignore[arg-type]
 
     def _run(self) -> None:
         self._idle_timer.start()
@@ -289,12 +294,18 @@ class EventDUL(DULServiceProvider):
 
     def _abort_on_exception(self) -> None:
         # As pynetdicom does: bypass the state machine, send A-ABORT, stop both threads.
+        pynetdicom.dul.LOGGER.exception("Exception in the DUL loop, aborting the association")
+        self._abort_now(0x00)
+
+    def _abort_now(self, reason: int) -> None:
+        """Send A-ABORT (source: service-provider, ``reason`` as PS3.8 9.3.8) and stop both
+        threads at once, past the state machine: for a peer whose byte stream cannot be read
+        on (the rest of an unread PDU would be taken for the next one)."""
         from pynetdicom.pdu import A_ABORT_RQ
 
-        pynetdicom.dul.LOGGER.exception("Exception in the DUL loop, aborting the association")
         abort_pdu = A_ABORT_RQ()
         abort_pdu.source = 0x02
-        abort_pdu.reason_diagnostic = 0x00
+        abort_pdu.reason_diagnostic = reason
         with contextlib.suppress(Exception):
             self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
         self.assoc.is_aborted = True
@@ -346,6 +357,9 @@ _PDU_HEADER = struct.Struct(">BBI")
 _ASSOCIATION_PDU_MAX = 1024 * 1024
 _FIXED_PDUS = {0x05, 0x06, 0x07}  # A-RELEASE-RQ, A-RELEASE-RP, A-ABORT
 _P_DATA_TF = 0x04
+# PS3.8 9.3.8 A-ABORT reason/diag. for the service-provider source.
+_UNRECOGNIZED_PDU = 0x01
+_INVALID_PDU_PARAMETER = 0x06
 # A P-DATA-TF PDU may carry no more than the Maximum Length we announced (PS3.8 D.1); a little
 # slack for peers that count the PDV item headers differently.
 _P_DATA_SLACK = 1024

@@ -131,7 +131,10 @@ def _test_workers() -> int | str:
 
 @contextmanager
 def run_node(
-    root: Path, conformance: dict[str, Any] | None = None, **settings: Any
+    root: Path,
+    conformance: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    **settings: Any,
 ) -> Iterator[RunningNode]:
     """Start ``dicomnode serve`` and yield once it prints its listening line; stop it after."""
     if conformance is not None:
@@ -140,7 +143,7 @@ def run_node(
         settings["conformance"] = "conformance.yaml"
     config = write_config(root, **settings)
     log_path = root / "node.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(config)],
@@ -184,6 +187,7 @@ def _await_listening(
     assert proc.stdout is not None
     wanted = {kind for kind, on in expected.items() if on}
     found: dict[str, tuple[str, int]] = {}
+    pending = b""
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + START_TIMEOUT
@@ -191,18 +195,23 @@ def _await_listening(
         while time.monotonic() < deadline:
             if not selector.select(timeout=deadline - time.monotonic()):
                 break
-            line = proc.stdout.readline()
-            if not line:  # the node exited
+            # Raw reads: the node prints its listening lines in one write, and a buffered
+            # readline would leave the second in Python's buffer, where select cannot see it.
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:  # the node exited
                 break
-            for kind, marker in (
-                ("tls", " listening for DICOM TLS on "),
-                ("plain", " listening on "),
-            ):
-                if marker in line:
-                    address = line.rsplit(marker, 1)[1].strip()
-                    host, _, port = address.rpartition(":")
-                    found[kind] = (host, int(port))
-                    break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in (raw.decode("utf-8", "replace") for raw in lines):
+                for kind, marker in (
+                    ("tls", " listening for DICOM TLS on "),
+                    ("plain", " listening on "),
+                ):
+                    if marker in line:
+                        address = line.rsplit(marker, 1)[1].strip()
+                        host, _, port = address.rpartition(":")
+                        found[kind] = (host, int(port))
+                        break
             if wanted <= set(found):
                 return found
     finally:

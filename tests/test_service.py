@@ -4,6 +4,7 @@ reloads (good and bad), each with one process and with worker processes."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import time
@@ -218,3 +219,30 @@ def test_sighup_reload_bad_then_good(tmp_path: Path, workers: int) -> None:
     assert [r["outcome"] for r in reloads] == ["failure", "success"]
     assert "limits.max_associations" in str(reloads[0]["error"])
     assert reloads[1]["source"] == str(node.config_path)
+
+
+# --- journald ------------------------------------------------------------------------------------
+
+
+def test_log_lines_take_journald_form_when_stderr_is_the_journal(tmp_path: Path) -> None:
+    """Under systemd ($JOURNAL_STREAM names stderr) each event is one line with its syslog
+    priority and no timestamp of its own; elsewhere lines keep their timestamps."""
+    root = tmp_path / "node"
+    root.mkdir()
+    log_file = root / "node.log"  # run_node sends stderr here (opened again, same inode)
+    log_file.touch()
+    st = log_file.stat()
+    env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+    with run_node(root, env=env, unknown_peers=[]) as node:
+        with associate(node, [(VERIFICATION, UNCOMPRESSED)]) as rejected:
+            assert not rejected.is_established
+        log = node.wait_for_log("rejected: calling AE title not allowed any service")
+    lines = log.splitlines()
+    assert lines and all(re.match(r"^<[2-7]>[a-z_.]+(\[\d+\])?: ", line) for line in lines), log
+    assert any(line.startswith("<6>dicomnode.ae: DICOMNODE listening on") for line in lines)
+    assert any(line.startswith("<4>dicomnode.handlers.association: association") for line in lines)
+
+
+def test_log_lines_keep_timestamps_elsewhere(node: RunningNode) -> None:
+    first = node.log().splitlines()[0]
+    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO) ", first), first

@@ -29,6 +29,7 @@ from tests.support.corpus import STORESCU_OPTION, TEST_FILES, dataset_bytes
 from tests.support.dcmtk import DCMTK_ENV, Endpoint, storescp
 from tests.support.node import RunningNode, run_node
 from tests.support.tls import KeyPair, Pki, make_pki, require_dcmtk_tls
+from tests.test_worklist_scp import YAML_ITEMS
 
 CT = TEST_FILES / "CT_small.dcm"
 CT_UID = str(pydicom.dcmread(CT, stop_before_pixels=True).SOPInstanceUID)
@@ -638,3 +639,25 @@ def test_move_to_a_tls_destination(tmp_path: Path, pki: Pki) -> None:
     assert len(files) == 1
     # storescp +tls speaks nothing but TLS: the file arriving is the proof it went over TLS.
     assert dataset_bytes(files[0]) == dataset_bytes(CT)
+
+
+def test_worklist_query_over_tls_to_our_own_tls_port(tmp_path: Path, pki: Pki) -> None:
+    """`worklist query --tls` calls the peer over TLS, presenting tls.certificate (here the
+    node's own, signed by the trusted CA); without --tls the TLS port refuses it (exit 5)."""
+    settings: dict[str, Any] = {
+        "tls": pki.node_tls(),
+        "unknown_peers": ["echo", "worklist"],
+        "worklist": {"expire_after_days": 0},
+    }
+    with run_node(tmp_path / "node", **settings) as node:
+        items = tmp_path / "items.yaml"
+        item = {**YAML_ITEMS[0], "PatientID": "TLS1"}
+        items.write_text(yaml.safe_dump([item]), encoding="utf-8")
+        assert node.cli("worklist", "add", str(items)).returncode == 0
+        address = f"{node.ae_title}@127.0.0.1:{node.tls_port}"
+        done = node.cli("worklist", "query", "--tls", address, "--json")
+        assert done.returncode == 0, done.stderr
+        (match,) = json.loads(done.stdout)
+        assert "TLS1" in json.dumps(match)
+        plain = node.cli("worklist", "query", address)
+        assert plain.returncode == ExitCode.UNREACHABLE, plain.stderr

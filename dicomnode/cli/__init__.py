@@ -8,6 +8,7 @@ not be reached or refused the association.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import warnings
@@ -45,10 +46,47 @@ class CliState:
 pass_state = click.make_pass_decorator(CliState)
 
 
+# syslog priorities (RFC 5424 6.2.1) by logging level, for journald's "<N>" line prefix.
+_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+
+class JournalFormatter(logging.Formatter):
+    """For stderr connected to journald: ``<priority>logger: message``, one line per event.
+
+    journald stamps each line itself and reads the ``<N>`` prefix as the line's priority
+    (SyslogLevelPrefix=, on by default), so ``journalctl -p warning`` works; a traceback is
+    folded onto its event's line (" | " between its lines), as every newline would otherwise
+    start a new journal entry of the default priority.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _PRIORITIES.get(record.levelno, 2 if record.levelno > logging.ERROR else 7)
+        return f"<{priority}>" + " | ".join(super().format(record).splitlines())
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is the stream systemd connected to journald ($JOURNAL_STREAM names its
+    device and inode, systemd.exec(5)), and not, say, a pipe to a test or a terminal."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def setup_logging(verbosity: int, default: str = "WARNING") -> None:
-    """Log to stderr, one line per event (journald adds its own timestamps under systemd)."""
+    """Log to stderr, one line per event: with timestamps in a terminal or file, in journald's
+    own form under systemd (:class:`JournalFormatter`)."""
     level = {-1: "ERROR", 0: default, 1: "INFO"}.get(verbosity, "DEBUG")
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JournalFormatter() if stderr_is_journal() else logging.Formatter(LOG_FORMAT)
+    )
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # pynetdicom logs every PDU at DEBUG and identifiers at INFO; keep it one step quieter.
     logging.getLogger("pynetdicom").setLevel(max(logging.getLevelName(level), logging.WARNING))
     # peewee logs every SQL statement and pool hand-over at DEBUG.

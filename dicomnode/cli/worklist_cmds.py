@@ -35,6 +35,7 @@ from dicomnode.cli.scu_cmds import (
     _show_matches,
     _text_table,
     key_option,
+    tls_option,
 )
 from dicomnode.config import Config
 from dicomnode.index import Index, IndexError_
@@ -387,6 +388,7 @@ def _identifier(elements: list[DataElement], defaults: bool) -> tuple[Dataset, l
 
 @worklist_group.command("query")
 @with_config
+@tls_option
 @click.argument("peer")
 @key_option(
     "A query key as findscu -k takes it (Keyword=Value; no value: return it). Attributes "

@@ -620,9 +620,11 @@ def _serve_one(config: Config, policy: Policy, ready: Ready | None = None) -> in
                 service.ready(_status(node.config, addresses))
     finally:
         service.stopping(f"stopping ({reason})")
-        aborted = node.stop(node.config.service.stop_grace, record_stop=reason)
+        node.stop(node.config.service.stop_grace, record_stop=reason)
         log.info("%s stopped", config.ae_title)
-    return 1 if aborted else 0
+    # Associations aborted at the end of the grace are the configured stop, not a failure
+    # (systemd would mark the unit failed after every stop while a scanner idles connected).
+    return 0
 
 
 def announce(
@@ -983,7 +985,6 @@ class Supervisor:
         except BaseException:
             log.exception("worker %d could not start", slot + 1)
             return 1
-        aborted = 0
         try:
             os.write(self._ready[1], _PID.pack(os.getpid()))
             log.debug("worker %d serving", slot + 1)
@@ -994,8 +995,8 @@ class Supervisor:
                 if signal.SIGHUP in received:
                     node.reload(audit=False)  # the supervisor audits the reload once
         finally:
-            aborted = node.stop(node.config.service.stop_grace)
-        return 1 if aborted else 0
+            node.stop(node.config.service.stop_grace)
+        return 0
 
 
 def listen(config: Config) -> list[Listener]:

@@ -167,7 +167,8 @@ def test_sigterm_aborts_what_is_still_open_after_the_grace(tmp_path: Path) -> No
         _partial_store(a, MR_FILE)
         wait_until(lambda: node.temp_files(), "the partial data set is being received")
         node.proc.send_signal(signal.SIGTERM)
-        assert node.proc.wait(timeout=DEADLINE) == 1  # it had to abort an association
+        # Aborting at the end of the grace is the configured stop, not a failure.
+        assert node.proc.wait(timeout=DEADLINE) == 0
         wait_until(lambda: a.is_aborted or not a.is_established, "the association is aborted")
         log = node.log()
         assert "aborting the association from TESTSCU: still open 1 s after the stop" in log

@@ -24,8 +24,8 @@ def serve_cmd(state: CliState) -> None:
     Prints a line to stdout for each listener once it serves (with several workers: once every
     worker accepts): "AET listening on HOST:PORT", and "AET listening for DICOM TLS on
     HOST:PORT". Under systemd (Type=notify) it also reports readiness, reloads and stopping.
-    Exits 0 once stopped by a signal, 1 when the node could not start, or had to abort
-    associations or kill a worker at stop.
+    Exits 0 once stopped by a signal (associations still open after service.stop_grace are
+    aborted), 1 when the node could not start or a worker had to be killed at stop.
     """
     from dicomnode.ae import serve
 

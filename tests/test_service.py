@@ -7,6 +7,8 @@ import json
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -20,10 +22,10 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from dicomnode.status import Status
+from dicomnode.status import ExitCode, Status
 from tests.support.corpus import TEST_FILES, dataset_bytes
 from tests.support.dimse import UNCOMPRESSED, associate, context_id, echo, store_file
-from tests.support.node import RunningNode, run_node
+from tests.support.node import RunningNode, run_node, write_config
 
 VERIFICATION = "1.2.840.10008.1.1"
 CT_FILE = TEST_FILES / "CT_small.dcm"
@@ -247,3 +249,49 @@ def test_log_lines_take_journald_form_when_stderr_is_the_journal(tmp_path: Path)
 def test_log_lines_keep_timestamps_elsewhere(node: RunningNode) -> None:
     first = node.log().splitlines()[0]
     assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO) ", first), first
+
+
+# --- check-config --------------------------------------------------------------------------------
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", "--config", str(path), "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_config_says_ok_or_what_is_wrong(tmp_path: Path) -> None:
+    good = write_config(tmp_path / "good")
+    done = check_config(good)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{good.resolve()}: OK (DICOMNODE on port 0, 0 peers, ")
+
+    missing_key = write_config(
+        tmp_path / "tls",
+        tls={"enabled": True, "certificate": "node.crt", "private_key": "node.key"},
+    )
+    done = check_config(missing_key)
+    assert done.returncode == ExitCode.USAGE
+    assert "tls.ca_certificates" in done.stderr  # required with client certificates
+
+    unreadable = write_config(
+        tmp_path / "files",
+        tls={
+            "enabled": True,
+            "certificate": "node.crt",
+            "private_key": "node.key",
+            "client_certificates": "none",
+        },
+    )
+    done = check_config(unreadable)
+    assert done.returncode == ExitCode.USAGE
+    assert "tls.certificate" in done.stderr and "node.crt" in done.stderr
+
+    bad_policy = write_config(tmp_path / "policy", conformance="missing.yaml")
+    done = check_config(bad_policy)
+    assert done.returncode == ExitCode.USAGE
+    assert "missing.yaml" in done.stderr

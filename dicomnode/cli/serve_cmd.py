@@ -1,4 +1,5 @@
-"""``dicomnode serve``: run the node in the foreground."""
+"""``dicomnode serve``: run the node in the foreground; ``dicomnode check-config``: check what
+``serve`` (or a reload) would read, without serving."""
 
 from __future__ import annotations
 
@@ -47,4 +48,36 @@ def serve_cmd(state: CliState) -> None:
         sys.exit(status)
 
 
-COMMANDS: list[click.Command] = [serve_cmd]
+@click.command("check-config")
+@with_config
+@pass_state
+def check_config_cmd(state: CliState) -> None:
+    """Check the configuration as serve and a reload (SIGHUP) read it: the YAML, the
+    conformance policy and the TLS files. Exits 0 when the node would start with it, 4 with
+    what is wrong. Host names in peers' hosts are resolved and reported when they do not."""
+    from dicomnode.access import AccessRules
+    from dicomnode.tls import TlsError, client_context, server_context
+
+    config = state.config  # a configuration error exits 4 here, with its message
+    setup_logging(state.verbosity)
+    try:
+        policy = load_policy(config.conformance)
+        if config.tls.enabled:
+            server_context(config.tls)
+        if any(peer.tls for peer in config.peers.values()):
+            client_context(config.tls)
+    except (ConformanceError, TlsError) as exc:
+        click.echo(f"dicomnode: {exc}", err=True)
+        sys.exit(ExitCode.USAGE)
+    AccessRules(config)  # logs a warning for each host name that does not resolve
+    where = config.source or "the built-in defaults"
+    listeners = [] if config.tls.only else [f"port {config.port}"]
+    if config.tls.enabled:
+        listeners.append(f"DICOM TLS port {config.tls.port}")
+    click.echo(
+        f"{where}: OK ({config.ae_title} on {' and '.join(listeners)}, "
+        f"{len(config.peers)} peers, {len(policy.accept)} SOP classes in the policy)"
+    )
+
+
+COMMANDS: list[click.Command] = [serve_cmd, check_config_cmd]

@@ -338,17 +338,10 @@ class Node:
         host, port = (*tuple(client_address), "?", "?")[:2]
         why = handshake_refusal(exc)
         log.warning("DICOM TLS connection from %s:%s refused: %s", host, port, why)
-        self.archive.audit.record(
-            "association-rejected",
-            outcome=FAILURE,
-            calling_ae=None,
-            called_ae=None,
-            address=host,
-            port=port,
-            reason=f"TLS handshake failed: {why}",
-            result=None,
-            source=None,
-            reason_code=None,
+        # No A-ASSOCIATE-RQ was read, so no AE titles; no A-ASSOCIATE-RJ was sent.
+        who = {"calling_ae": None, "called_ae": None, "address": host, "port": port}
+        assoc_handlers.record_rejection(
+            self, who, (None, None, None), f"TLS handshake failed: {why}"
         )
 
     def reload(self, audit: bool = True) -> bool:

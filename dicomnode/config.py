@@ -447,7 +447,14 @@ _SECONDS = "seconds, above 0 and at most 86400"
 _AE_ALLOWED = "an AE title of 1-16 characters, no backslash or control characters"
 _SERVICES_ALLOWED = "a list of " + ", ".join(s.value for s in Service)
 _TOP_KEYS = tuple(f.name for f in fields(Config) if f.name != "source")
-_SCOPES_ALLOWED = "one of " + ", ".join(s.value for s in WorklistScope)
+
+
+def _one_of(kind: type[StrEnum]) -> str:
+    """What an enumerated key allows, for its error message."""
+    return "one of " + ", ".join(member.value for member in kind)
+
+
+_SCOPES_ALLOWED = _one_of(WorklistScope)
 
 
 def _peers(reader: _Reader) -> dict[str, Peer]:
@@ -592,7 +599,7 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
                 "duplicates",
                 ds.duplicates,
                 _enum(DuplicatePolicy),
-                "one of " + ", ".join(p.value for p in DuplicatePolicy),
+                _one_of(DuplicatePolicy),
             ),
             min_free_space=store.get(
                 "min_free_space",
@@ -610,7 +617,7 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
                 "at_limit",
                 ds.at_limit,
                 _enum(AtLimit),
-                "one of " + ", ".join(a.value for a in AtLimit),
+                _one_of(AtLimit),
             ),
         ),
         query=QuerySettings(
@@ -674,7 +681,7 @@ def _tls(reader: _Reader, path: Callable[[Any], Path | None]) -> TlsSettings:
             "client_certificates",
             d.client_certificates,
             _enum(ClientCertificates),
-            "one of " + ", ".join(c.value for c in ClientCertificates),
+            _one_of(ClientCertificates),
         ),
         min_version=reader.get(
             "min_version",

@@ -40,7 +40,7 @@ from tests.support.qr import (
     store,
     study,
 )
-from tests.support.worklist import MPPS, MWL_FIND
+from tests.support.worklist import MPPS, MWL_FIND, mpps_in_progress
 
 EVERYTHING = ["echo", "store", "find", "move", "get", "worklist", "mpps"]
 
@@ -268,39 +268,12 @@ def worklist_query(**keys: str) -> Dataset:
 
 def in_progress(patient: Patient) -> Dataset:
     """An N-CREATE attribute list (PS3.4 Table F.7.2-1) for the scheduled item's step."""
-    ds = Dataset()
-    ssa = Dataset()
-    ssa.StudyInstanceUID = "1.2.826.0.1.3680043.2.1143.99"
-    ssa.ReferencedStudySequence = []
-    ssa.AccessionNumber = "ACC-SPS1"
-    ssa.RequestedProcedureID = ""
-    ssa.RequestedProcedureDescription = ""
-    ssa.ScheduledProcedureStepID = "SPS1"
-    ssa.ScheduledProcedureStepDescription = ""
-    ssa.ScheduledProtocolCodeSequence = []
-    ds.ScheduledStepAttributesSequence = [ssa]
-    ds.PatientName = patient.name
-    ds.PatientID = patient.patient_id
-    ds.PatientBirthDate = patient.birth_date
-    ds.PatientSex = "O"
-    ds.ReferencedPatientSequence = []
-    ds.PerformedProcedureStepID = "PPS1"
-    ds.PerformedStationAETitle = "CT1"
-    ds.PerformedStationName = ""
-    ds.PerformedLocation = ""
-    ds.PerformedProcedureStepStartDate = "20261202"
-    ds.PerformedProcedureStepStartTime = "093500"
-    ds.PerformedProcedureStepStatus = "IN PROGRESS"
-    ds.PerformedProcedureStepDescription = "CT head"
-    ds.PerformedProcedureTypeDescription = ""
-    ds.ProcedureCodeSequence = []
-    ds.PerformedProcedureStepEndDate = None
-    ds.PerformedProcedureStepEndTime = None
-    ds.Modality = "CT"
-    ds.StudyID = "1"
-    ds.PerformedProtocolCodeSequence = []
-    ds.PerformedSeriesSequence = []
-    return ds
+    return mpps_in_progress(
+        "1.2.826.0.1.3680043.2.1143.99",
+        "SPS1",
+        "ACC-SPS1",
+        (patient.name, patient.patient_id, patient.birth_date, "O"),
+    )
 
 
 def completed(patient: Patient) -> Dataset:

@@ -29,7 +29,7 @@ from dicomnode.worklist import decode
 from tests.support.dcmtk import require_dcmtk
 from tests.support.dimse import echo, raw_request
 from tests.support.node import RunningNode, run_node
-from tests.support.worklist import MPPS, findscu_worklist
+from tests.support.worklist import MPPS, findscu_worklist, mpps_in_progress
 
 STEP = "ScheduledProcedureStepSequence"
 SETTINGS: dict[str, Any] = {
@@ -103,39 +103,7 @@ def assoc(node: RunningNode) -> Iterator[Association]:
 
 def in_progress(study: str = "1.2.826.0.1.3680043.2.1143.1", step: str = "SPS1") -> Dataset:
     """An N-CREATE attribute list as a modality sends it (PS3.4 Table F.7.2-1)."""
-    ds = Dataset()
-    ssa = Dataset()
-    ssa.StudyInstanceUID = study
-    ssa.ReferencedStudySequence = []
-    ssa.AccessionNumber = "ACC1"
-    ssa.RequestedProcedureID = ""
-    ssa.RequestedProcedureDescription = ""
-    ssa.ScheduledProcedureStepID = step
-    ssa.ScheduledProcedureStepDescription = ""
-    ssa.ScheduledProtocolCodeSequence = []
-    ds.ScheduledStepAttributesSequence = [ssa]
-    ds.PatientName = "DOE^JOHN"
-    ds.PatientID = "P1"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
-    ds.ReferencedPatientSequence = []
-    ds.PerformedProcedureStepID = "PPS1"
-    ds.PerformedStationAETitle = "CT1"
-    ds.PerformedStationName = ""
-    ds.PerformedLocation = ""
-    ds.PerformedProcedureStepStartDate = "20261202"
-    ds.PerformedProcedureStepStartTime = "093500"
-    ds.PerformedProcedureStepStatus = "IN PROGRESS"
-    ds.PerformedProcedureStepDescription = "CT head"
-    ds.PerformedProcedureTypeDescription = ""
-    ds.ProcedureCodeSequence = []
-    ds.PerformedProcedureStepEndDate = None
-    ds.PerformedProcedureStepEndTime = None
-    ds.Modality = "CT"
-    ds.StudyID = "1"
-    ds.PerformedProtocolCodeSequence = []
-    ds.PerformedSeriesSequence = []
-    return ds
+    return mpps_in_progress(study, step)
 
 
 def completed(status: str = "COMPLETED") -> Dataset:

@@ -54,11 +54,22 @@ def reject(node: Node, assoc: Any, rejection: tuple[int, int, int], why: str) ->
 
 
 def audit_rejection(node: Node, assoc: Any, rejection: tuple[int, int, int], why: str) -> None:
+    record_rejection(node, _who(node, assoc), rejection, why)
+
+
+def record_rejection(
+    node: Node,
+    who: dict[str, Any],
+    rejection: tuple[int, int, int] | tuple[None, None, None],
+    why: str,
+) -> None:
+    """The association-rejected audit record: ``who`` as :func:`_who` gives it, ``rejection``
+    the A-ASSOCIATE-RJ (result, source, reason), all None where none was sent (TLS)."""
     result, source, reason = rejection
     node.archive.audit.record(
         "association-rejected",
         outcome=FAILURE,
-        **_who(node, assoc),
+        **who,
         reason=why,
         result=result,
         source=source,

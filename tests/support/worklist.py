@@ -121,3 +121,43 @@ def wlmscpfs(folder: Path, aet: str = "WLMSCP", log_path: Path | None = None) ->
     argv = ["wlmscpfs", "-dfp", str(folder)]
     with dcmtk_server(argv, aet=aet, log_path=log_path) as endpoint:
         yield endpoint
+
+
+def mpps_in_progress(
+    study: str = "1.2.826.0.1.3680043.2.1143.1",
+    step: str = "SPS1",
+    accession: str = "ACC1",
+    patient: tuple[str, str, str, str] = ("DOE^JOHN", "P1", "", ""),
+) -> Dataset:
+    """An MPPS N-CREATE attribute list as a modality sends it (PS3.4 Table F.7.2-1), for the
+    scheduled step ``step`` of ``study``; ``patient`` is (name, ID, birth date, sex)."""
+    ds = Dataset()
+    ssa = Dataset()
+    ssa.StudyInstanceUID = study
+    ssa.ReferencedStudySequence = []
+    ssa.AccessionNumber = accession
+    ssa.RequestedProcedureID = ""
+    ssa.RequestedProcedureDescription = ""
+    ssa.ScheduledProcedureStepID = step
+    ssa.ScheduledProcedureStepDescription = ""
+    ssa.ScheduledProtocolCodeSequence = []
+    ds.ScheduledStepAttributesSequence = [ssa]
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient
+    ds.ReferencedPatientSequence = []
+    ds.PerformedProcedureStepID = "PPS1"
+    ds.PerformedStationAETitle = "CT1"
+    ds.PerformedStationName = ""
+    ds.PerformedLocation = ""
+    ds.PerformedProcedureStepStartDate = "20261202"
+    ds.PerformedProcedureStepStartTime = "093500"
+    ds.PerformedProcedureStepStatus = "IN PROGRESS"
+    ds.PerformedProcedureStepDescription = "CT head"
+    ds.PerformedProcedureTypeDescription = ""
+    ds.ProcedureCodeSequence = []
+    ds.PerformedProcedureStepEndDate = None
+    ds.PerformedProcedureStepEndTime = None
+    ds.Modality = "CT"
+    ds.StudyID = "1"
+    ds.PerformedProtocolCodeSequence = []
+    ds.PerformedSeriesSequence = []
+    return ds

@@ -40,7 +40,7 @@ from tests.support.qr import (
     store,
     study,
 )
-from tests.support.worklist import MPPS, MWL_FIND, mpps_in_progress
+from tests.support.worklist import MPPS, MWL_FIND, mpps_completed, mpps_in_progress
 
 EVERYTHING = ["echo", "store", "find", "move", "get", "worklist", "mpps"]
 
@@ -278,20 +278,8 @@ def in_progress(patient: Patient) -> Dataset:
 
 def completed(patient: Patient) -> Dataset:
     """An N-SET modification list ending the step (PS3.4 F.7.2.2), naming the patient again."""
-    ds = Dataset()
-    ds.PerformedProcedureStepStatus = "COMPLETED"
-    ds.PerformedProcedureStepEndDate = "20261202"
-    ds.PerformedProcedureStepEndTime = "100500"
+    ds = mpps_completed()
     ds.PatientName = patient.name  # not settable: must be the same value, and is
-    series = Dataset()
-    series.SeriesInstanceUID = generate_uid(prefix=None)
-    series.RetrieveAETitle = ""
-    series.SeriesDescription = "head"
-    series.PerformingPhysicianName = ""
-    series.OperatorsName = ""
-    series.ProtocolName = "HEAD"
-    series.ReferencedImageSequence = []
-    ds.PerformedSeriesSequence = [series]
     return ds
 
 

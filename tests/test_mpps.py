@@ -29,7 +29,7 @@ from dicomnode.worklist import decode
 from tests.support.dcmtk import require_dcmtk
 from tests.support.dimse import echo, raw_request
 from tests.support.node import RunningNode, run_node
-from tests.support.worklist import MPPS, findscu_worklist, mpps_in_progress
+from tests.support.worklist import MPPS, findscu_worklist, mpps_completed, mpps_in_progress
 
 STEP = "ScheduledProcedureStepSequence"
 SETTINGS: dict[str, Any] = {
@@ -108,20 +108,7 @@ def in_progress(study: str = "1.2.826.0.1.3680043.2.1143.1", step: str = "SPS1")
 
 def completed(status: str = "COMPLETED") -> Dataset:
     """An N-SET modification list ending the step (PS3.4 F.7.2.2, final state)."""
-    ds = Dataset()
-    ds.PerformedProcedureStepStatus = status
-    ds.PerformedProcedureStepEndDate = "20261202"
-    ds.PerformedProcedureStepEndTime = "100500"
-    series = Dataset()
-    series.SeriesInstanceUID = generate_uid(prefix=None)
-    series.RetrieveAETitle = ""
-    series.SeriesDescription = "head"
-    series.PerformingPhysicianName = ""
-    series.OperatorsName = ""
-    series.ProtocolName = "HEAD"
-    series.ReferencedImageSequence = []
-    ds.PerformedSeriesSequence = [series]
-    return ds
+    return mpps_completed(status)
 
 
 def create(assoc: Association, attrs: Dataset, uid: str | None = None) -> tuple[Dataset, str]:

@@ -161,3 +161,22 @@ def mpps_in_progress(
     ds.PerformedProtocolCodeSequence = []
     ds.PerformedSeriesSequence = []
     return ds
+
+
+def mpps_completed(status: str = "COMPLETED") -> Dataset:
+    """An MPPS N-SET modification list ending the step (PS3.4 F.7.2.2, final state), with one
+    performed series."""
+    ds = Dataset()
+    ds.PerformedProcedureStepStatus = status
+    ds.PerformedProcedureStepEndDate = "20261202"
+    ds.PerformedProcedureStepEndTime = "100500"
+    series = Dataset()
+    series.SeriesInstanceUID = generate_uid(prefix=None)
+    series.RetrieveAETitle = ""
+    series.SeriesDescription = "head"
+    series.PerformingPhysicianName = ""
+    series.OperatorsName = ""
+    series.ProtocolName = "HEAD"
+    series.ReferencedImageSequence = []
+    ds.PerformedSeriesSequence = [series]
+    return ds

@@ -9,7 +9,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import reliability
 from tests.support.node import RunningNode, run_node
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    reliability.start_session()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    args = " ".join(str(a) for a in session.config.invocation_params.args)
+    report = reliability.finish_session(f"pytest {args}".strip())
+    if report is not None:
+        writer = session.config.get_terminal_writer()
+        writer.line()
+        writer.line(f"reliability report: {report}")
 
 
 @pytest.fixture

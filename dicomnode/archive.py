@@ -13,6 +13,7 @@ import datetime as dt
 import filecmp
 import logging
 import struct
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,11 +22,13 @@ from typing import Any, BinaryIO
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.tag import BaseTag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from dicomnode.audit import AuditLog
 from dicomnode.config import AtLimit, Config, DuplicatePolicy
-from dicomnode.encoding import EncodingError, check_dataset
+from dicomnode.encoding import EncodingError, check_dataset, inflate
 from dicomnode.index import (
     DuplicateInstance,
     Index,
@@ -392,28 +395,68 @@ def _read_and_check(path: Path, request: StoreRequest) -> NewInstance:
 
 
 def _parse(path: Path, transfer_syntax: str | None) -> tuple[Dataset, NewInstance]:
-    """Read the header of our Part 10 file (stop before the pixel data), walk the encoding of
-    the whole data set (not of a deflated one), and extract the index's attributes. With
-    ``transfer_syntax`` None the file's File Meta says which."""
+    """Walk the encoding of the whole data set (a deflated one inflated, bounded), then read the
+    header of our Part 10 file (stop before the pixel data) and extract the index's attributes.
+    With ``transfer_syntax`` None the file's File Meta says which.
+
+    The walk comes first: it is bounded in depth and memory, where pydicom's reader recurses
+    into every sequence and inflates a deflated data set whole in memory."""
     try:
         with path.open("rb") as fp:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=4096)
+            start = _dataset_offset(fp)
             if transfer_syntax is None:
-                transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+                meta = read_file_meta_info(path)
+                transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
                 if not is_valid_uid(transfer_syntax):
                     raise EncodingError("no valid Transfer Syntax UID in the File Meta")
-            if transfer_syntax != DeflatedExplicitVRLittleEndian:
-                start = _dataset_offset(fp)
-                check_dataset(fp, start, path.stat().st_size, transfer_syntax)
+            size = path.stat().st_size
+            if transfer_syntax == DeflatedExplicitVRLittleEndian:
+                ds = _parse_deflated(fp, path, start, size)
+            else:
+                check_dataset(fp, start, size, transfer_syntax)
+                fp.seek(0)
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=4096)
             # Decode every attribute the index needs now, so decoding errors surface here.
             new = NewInstance.from_dataset(ds)
     except EncodingError as exc:
         raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from exc
+    except RecursionError as exc:
+        # Nesting our walk allows (encoding.MAX_DEPTH) can still be deeper than pydicom's reader
+        # recurses within Python's limit: a clean refusal, never a dead worker thread.
+        raise Rejected(
+            Status.CANNOT_UNDERSTAND, "data set cannot be parsed: sequences nested too deep"
+        ) from exc
     except PARSE_ERRORS as exc:
         raise Rejected(
             Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}"
         ) from exc
     return ds, new
+
+
+def _parse_deflated(fp: BinaryIO, path: Path, start: int, size: int) -> Dataset:
+    """A deflated data set (PS3.5 A.5): inflated once only counting, refused past the bound
+    (:func:`~dicomnode.encoding.inflate_limit`, a deflate bomb stops there), then inflated into
+    an unnamed file beside ``path``, walked and read from there: pydicom would inflate it whole
+    in memory. The stored file stays as received."""
+    fp.seek(start)
+    inflate(fp, size)
+    meta = read_file_meta_info(path)
+    with tempfile.TemporaryFile(dir=path.parent) as plain:
+        fp.seek(start)
+        inflated = inflate(fp, size, plain)
+        plain.flush()
+        check_dataset(plain, 0, inflated, ExplicitVRLittleEndian)
+        plain.seek(0)
+        # Values are read now (no deferral: the unnamed file is gone afterwards); the walk has
+        # bounded them all by the inflated size, which is bounded.
+        ds = read_dataset(plain, is_implicit_VR=False, is_little_endian=True, stop_when=_pixels)
+    ds.file_meta = meta
+    return ds
+
+
+def _pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+    del vr, length
+    return int(tag) >= 0x7FE00010  # stop_before_pixels, as dcmread does
 
 
 def read_stored(path: Path, relative: str, received_at: str) -> NewInstance:

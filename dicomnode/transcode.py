@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ from pydicom.uid import (
     RLELossless,
 )
 from pydicom.valuerep import VR
+
+from dicomnode.encoding import EncodingError, inflate
 
 
 class TranscodeError(ValueError):
@@ -208,6 +211,7 @@ def transcode(path: Path, target: str) -> Dataset:
     """
     _register_gdcm12()
     try:
+        _check_inflated_size(path)
         ds = pydicom.dcmread(path)
     except OSError:
         raise
@@ -240,6 +244,26 @@ def transcode(path: Path, target: str) -> Dataset:
         )
     ds.file_meta.TransferSyntaxUID = UID(target)
     return ds
+
+
+def _check_inflated_size(path: Path) -> None:
+    """pydicom inflates a deflated data set whole in memory: first count what it would inflate
+    to, in bounded steps, and refuse past :func:`dicomnode.encoding.inflate_limit` (the store
+    refused such data sets; a file put in the store by other means is not trusted either)."""
+    with path.open("rb") as fp:
+        head = fp.read(144)
+        if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+            return  # not our Part 10 layout: pydicom's reader decides
+        meta_end = 144 + int.from_bytes(head[140:144], "little")
+        fp.seek(132)
+        meta = fp.read(meta_end - 132)
+        if str(DeflatedExplicitVRLittleEndian).encode("ascii") not in meta:
+            return
+        fp.seek(meta_end)
+        try:
+            inflate(fp, os.fstat(fp.fileno()).st_size)
+        except EncodingError as exc:
+            raise TranscodeError(f"cannot read stored file {path.name}: {exc}") from exc
 
 
 def _reencode_native(ds: Dataset, stored: str, target: str, where: str) -> None:

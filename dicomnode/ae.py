@@ -8,6 +8,12 @@ and SQLite connections) and accepts on the inherited listening socket; the kerne
 connection to one of them. ``limits.max_associations`` stays node-wide through the
 :class:`WorkerBoard`, counts in shared memory that also balance accepts. The supervisor restarts a
 worker that dies and stops them all on SIGTERM or SIGINT.
+
+Only an association counts against ``limits.max_associations``: a connection is admitted when its
+A-ASSOCIATE-RQ has arrived (a single process keeps the same :class:`WorkerBoard`, of one worker).
+Connections that have not sent one yet are bounded apart (:class:`PendingConnections`), the oldest
+closed when a new one would pass the bound, so idle or byte-at-a-time sockets can neither hold the
+places of real callers nor pile up threads.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"  # PS3.4 A.4 Verification SOP Class
 # PS3.8 9.3.4 A-ASSOCIATE-RJ: rejected-transient, service-provider (presentation), local limit
-# exceeded; what pynetdicom sends past AE.maximum_associations.
+# exceeded; sent past limits.max_associations (as pynetdicom past AE.maximum_associations).
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _NODE_SIGNALS = (*_STOP_SIGNALS, signal.SIGHUP)
@@ -70,8 +76,8 @@ class WorkerBoard:
     - ``limits.max_associations`` across the workers: one count per worker, each written only by
       its worker, all under one process-shared lock. A worker admits an association (at
       A-ASSOCIATE-RQ) only while the sum is under the limit and releases it when its connection
-      closes, so the (limit + 1)th association is rejected whichever worker takes it, as
-      pynetdicom rejects it in a single process.
+      closes, so the (limit + 1)th association is rejected whichever worker takes it. A single
+      process has a board of one worker: connections that sent no A-ASSOCIATE-RQ never count.
     - Balancing: each worker publishes how many associations it serves. Every worker wakes for a
       new connection and the first to accept gets it; one that serves more than the least busy
       worker waits a little before accepting (as nginx's accept_disabled), so the least busy one
@@ -90,6 +96,7 @@ class WorkerBoard:
 
     def __init__(self, limit: int, workers: int) -> None:
         self.limit = limit
+        self.workers = workers
         size = ctypes.sizeof(ctypes.c_int) * workers
         self._memory = mmap.mmap(-1, 2 * size)  # anonymous and MAP_SHARED: shared across fork
         self._counts = (ctypes.c_int * workers).from_buffer(self._memory)
@@ -160,18 +167,90 @@ class WorkerBoard:
             self._lock.release()
 
 
+class PendingConnections:
+    """Connections this process accepted that have not sent an A-ASSOCIATE-RQ yet, oldest first.
+
+    They hold no place under ``limits.max_associations`` (pynetdicom's own count includes them:
+    200 silent sockets would hold 16 places until ``limits.acse_timeout`` each), yet each costs
+    two threads and a descriptor, so at most ``cap`` are kept: a connection accepted past that
+    closes the oldest one still waiting (nginx and Apache do the same with idle keep-alive
+    connections). A real caller sends its A-ASSOCIATE-RQ within a round trip of connecting, so
+    it leaves this set long before a flood of idle sockets can push it out.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(1, cap)
+        self._lock = threading.Lock()
+        self._waiting: dict[int, tuple[socket.socket, Any]] = {}  # by id, in accept order
+        self.evicted = 0
+
+    def add(self, sock: socket.socket, address: Any) -> list[tuple[socket.socket, Any]]:
+        """Note ``sock`` as waiting; returns the connections to close to keep within ``cap``."""
+        with self._lock:
+            for key, (other, _) in list(self._waiting.items()):
+                if other.fileno() < 0:  # closed without a close event reaching us
+                    del self._waiting[key]
+            self._waiting[id(sock)] = (sock, address)
+            evict: list[tuple[socket.socket, Any]] = []
+            while len(self._waiting) > self.cap:
+                oldest = next(iter(self._waiting))
+                evict.append(self._waiting.pop(oldest))
+            self.evicted += len(evict)
+            return evict
+
+    def discard(self, sock: Any) -> bool:
+        """``sock`` sent its A-ASSOCIATE-RQ or closed: no longer waiting."""
+        if sock is None:
+            return False
+        with self._lock:
+            return self._waiting.pop(id(sock), None) is not None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+
+def pending_cap(limits: Limits) -> int:
+    """Connections kept waiting for their A-ASSOCIATE-RQ: twice the associations allowed, so a
+    burst of callers up to that many is answered in full (those past the limit with
+    A-ASSOCIATE-RJ) before any is closed unanswered."""
+    return 2 * limits.max_associations
+
+
+def _close_waiting(sock: socket.socket, address: Any, pending: PendingConnections) -> None:
+    host, port = (*tuple(address or ()), "?", "?")[:2]
+    log.warning(
+        "connection from %s:%s closed: no A-ASSOCIATE-RQ yet and %d newer connections waiting "
+        "to send one (at most twice limits.max_associations wait)",
+        host,
+        port,
+        pending.cap,
+    )
+    # At the descriptor, under any TLS layer: the association's DUL thread, blocked reading
+    # this socket, gets end-of-file and ends the connection as a peer's close would.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+# pynetdicom's own limit counts every acceptor thread, connections that sent nothing included;
+# ours (WorkerBoard at A-ASSOCIATE-RQ, PendingConnections before) replaces it, so this is only
+# out of its way.
+_PYNETDICOM_LIMIT_OFF = 1_000_000
+
+
 class Node:
     """One running node: its AE, archive, receiver and policy.
 
     ``board``: what this node shares with the other workers when it is one of several (the
-    node-wide association limit, accept balancing); None in a single process, where pynetdicom's
-    ``AE.maximum_associations`` enforces the limit.
+    node-wide association limit, accept balancing); in a single process a board of one worker,
+    so that the limit counts associations (from their A-ASSOCIATE-RQ), not connections.
     """
 
     def __init__(self, config: Config, policy: Policy, board: WorkerBoard | None = None) -> None:
         self.config = config
         self.policy = policy
-        self.board = board
+        self.board = board if board is not None else WorkerBoard(config.limits.max_associations, 1)
+        self.pending = PendingConnections(pending_cap(config.limits))
         self.archive = Archive(config)
         self.receiver = Receiver(self.archive.storage, config.store.min_free_space)
         self.ae = self._build_ae()
@@ -186,7 +265,7 @@ class Node:
 
     def _build_ae(self) -> AE:
         ae = new_ae(self.config)
-        ae.maximum_associations = self.config.limits.max_associations
+        ae.maximum_associations = _PYNETDICOM_LIMIT_OFF
         # The real contexts are chosen per caller in on_requested. pynetdicom deep-copies the
         # AE's list for every association, so keep that list to one context.
         ae.add_supported_context(VERIFICATION)
@@ -243,20 +322,15 @@ class Node:
     # --- running ----------------------------------------------------------------------------
 
     def _handlers(self) -> list[Any]:
-        on_requested: Callable[..., Any] = assoc_handlers.on_requested
-        # A worker of several: the node-wide limit is checked after the policy, and a closed
-        # connection frees its place before its closing line is logged.
-        shared: list[tuple[Any, Callable[..., Any]]] = []
-        if self.board is not None:
-            on_requested = _on_requested_within_limit
-            shared = [(evt.EVT_CONN_CLOSE, _on_conn_close_release)]
+        # The node-wide limit is checked after the policy, and a closed connection frees its
+        # place before its closing line is logged.
         bound: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, assoc_handlers.on_conn_open),
-            (evt.EVT_REQUESTED, on_requested),
+            (evt.EVT_REQUESTED, _on_requested_within_limit),
             (evt.EVT_ACCEPTED, assoc_handlers.on_accepted),
             (evt.EVT_REJECTED, assoc_handlers.on_rejected),
             (evt.EVT_ABORTED, assoc_handlers.on_aborted),
-            *shared,
+            (evt.EVT_CONN_CLOSE, _on_conn_close_release),
             (evt.EVT_CONN_CLOSE, assoc_handlers.on_conn_close),
             (evt.EVT_CONN_CLOSE, assoc_handlers.on_conn_close_unrequested),
             (evt.EVT_C_ECHO, handle_echo),
@@ -329,8 +403,7 @@ class Node:
         """Tell the other workers how many associations this one serves (``leaving`` is ending
         and not counted); returns that number."""
         load = sum(1 for assoc in self.associations() if assoc is not leaving)
-        if self.board is not None:
-            self.board.publish_load(load)
+        self.board.publish_load(load)
         return load
 
     def tls_refused(self, client_address: Any, exc: BaseException) -> None:
@@ -369,7 +442,9 @@ class Node:
         self.access = AccessRules(fresh)
         self.archive.reconfigure(fresh)
         self.receiver.min_free_space = fresh.store.min_free_space
-        self.ae.maximum_associations = fresh.limits.max_associations
+        # Each worker reloads, so each sets the node-wide limit it checks against.
+        self.board.limit = fresh.limits.max_associations
+        self.pending.cap = pending_cap(fresh.limits)
         apply_limits(self.ae, fresh.limits)
         if tls_context is not None:
             self.tls_context = tls_context  # renewed certificates, for handshakes from now on
@@ -433,11 +508,13 @@ class Node:
 
 
 def _on_requested_within_limit(event: Any, node: Node) -> None:
-    """EVT_REQUESTED in a worker: the policy decides as always, then the node-wide limit."""
-    assoc_handlers.on_requested(event, node)
+    """EVT_REQUESTED: the policy decides as always, then the node-wide limit (PS3.8 9.3.4
+    rejected-transient, local limit exceeded). Only now does the connection count."""
     assoc = event.assoc
+    node.pending.discard(_raw_socket(assoc))
+    assoc_handlers.on_requested(event, node)
     board = node.board
-    if board is None or assoc.is_rejected or assoc.is_aborted or board.admit(assoc):
+    if assoc.is_rejected or assoc.is_aborted or board.admit(assoc):
         return
     assoc_handlers.reject(
         node,
@@ -447,8 +524,14 @@ def _on_requested_within_limit(event: Any, node: Node) -> None:
     )
 
 
+def _raw_socket(assoc: Any) -> Any:
+    transport = getattr(assoc.dul, "socket", None)
+    return getattr(transport, "socket", None) if transport is not None else None
+
+
 def _on_conn_close_release(event: Any, node: Node) -> None:
-    if node.board is not None and node.board.release(event.assoc):
+    node.pending.discard(_raw_socket(event.assoc))
+    if node.board.release(event.assoc):
         log.debug(
             "association from %s ended: %d open on the node",
             node.calling_ae_title(event.assoc),
@@ -515,7 +598,7 @@ class _NodeServer(ThreadedAssociationServer):
             self.socket.close()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        if self._node.board is not None:
+        if self._node.board.workers > 1:
             delay = self._node.board.accept_delay(self._node.publish_load())
             if delay:
                 time.sleep(delay)  # the server thread only: the associations run on
@@ -553,6 +636,8 @@ class _NodeServer(ThreadedAssociationServer):
         self._serve(request, client_address)
 
     def _serve(self, request: Any, client_address: Any) -> None:
+        for evicted in self._node.pending.add(request, client_address):
+            _close_waiting(*evicted, self._node.pending)
         try:
             self.finish_request(request, client_address)
         except Exception:

@@ -185,6 +185,44 @@ class EventDUL(DULServiceProvider):
             pynetdicom.dul.LOGGER.exception("Unable to decode the received PDU data")
             self.event_queue.put("Evt19")
             return
+        if isinstance(pdu, P_DATA_TF) and assoc.is_established:
+            unknown = sorted(
+                {int(item.context_id or 0) for item in pdu.presentation_data_value_items}
+                - set(assoc._accepted_cx)
+            )
+            if unknown:
+                # PS3.8 9.3.5.1: a PDV's context ID must be one accepted at association; the
+                # rest of the message could not be decoded against any transfer syntax.
+                remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+                address = getattr(remote, "address_info", None)
+                log.warning(
+                    "aborting the association from %s:%s: P-DATA on presentation context %s, "
+                    "never accepted",
+                    getattr(address, "address", "?"),
+                    getattr(address, "port", "?"),
+                    ", ".join(map(str, unknown)),
+                )
+                self._abort_now(_INVALID_PDU_PARAMETER)
+                return
+        if (
+            pdu_type == _RELEASE_RQ
+            and assoc.is_established
+            and getattr(assoc.dimse, "message", None) is not None
+            and self.event_queue.empty()
+        ):
+            # A release asked for with a DIMSE message half received (PS3.8 7.2: release comes
+            # when the service user has nothing more to send). Releasing would read as an
+            # orderly end; the message is lost either way, so say so with A-ABORT.
+            remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+            address = getattr(remote, "address_info", None)
+            log.warning(
+                "aborting the association from %s:%s: A-RELEASE-RQ in the middle of a DIMSE "
+                "message",
+                getattr(address, "address", "?"),
+                getattr(address, "port", "?"),
+            )
+            self._abort_now(_UNEXPECTED_PDU)
+            return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
@@ -289,7 +327,14 @@ class EventDUL(DULServiceProvider):
             except queue.Empty:
                 idle = True
                 continue
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except Exception:
+                # pynetdicom's state machine re-raises what an action raised (a P-DATA it cannot
+                # decode, say); left alone that ends this thread with the connection open and
+                # no close event, so partial receives would never be discarded.
+                self._abort_on_exception()
+                return
             idle = False
 
     def _abort_on_exception(self) -> None:
@@ -306,8 +351,18 @@ class EventDUL(DULServiceProvider):
         abort_pdu = A_ABORT_RQ()
         abort_pdu.source = 0x02
         abort_pdu.reason_diagnostic = reason
+        transport = self.socket
         with contextlib.suppress(Exception):
-            self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
+            transport.send(abort_pdu.encode())  # type: ignore[union-attr]
+        if transport is not None and getattr(transport, "_is_connected", False):
+            # Close it here, as the state machine's actions do, and say so: the close handlers
+            # (partial receives discarded, the association's place freed, its audit) run once.
+            with contextlib.suppress(Exception):
+                transport.close()
+            remote = self.assoc.requestor if self.assoc.is_acceptor else self.assoc.acceptor
+            info = getattr(remote, "address_info", None)
+            address = info.as_tuple if info is not None else None
+            evt.trigger(self.assoc, evt.EVT_CONN_CLOSE, {"address": address})
         self.assoc.is_aborted = True
         self.assoc.is_established = False
         self.assoc._kill = True
@@ -357,8 +412,10 @@ _PDU_HEADER = struct.Struct(">BBI")
 _ASSOCIATION_PDU_MAX = 1024 * 1024
 _FIXED_PDUS = {0x05, 0x06, 0x07}  # A-RELEASE-RQ, A-RELEASE-RP, A-ABORT
 _P_DATA_TF = 0x04
+_RELEASE_RQ = 0x05
 # PS3.8 9.3.8 A-ABORT reason/diag. for the service-provider source.
 _UNRECOGNIZED_PDU = 0x01
+_UNEXPECTED_PDU = 0x02
 _INVALID_PDU_PARAMETER = 0x06
 # A P-DATA-TF PDU may carry no more than the Maximum Length we announced (PS3.8 D.1); a little
 # slack for peers that count the PDV item headers differently.

@@ -219,8 +219,8 @@ def test_kill_loop_storescu(tmp_path: Path) -> None:
     started = time.monotonic()
     loop = KillLoop(tmp_path, SEED + 100)
     loop.exact = False  # storescu encodes the data set again (same elements, not same bytes)
-    deadline = time.monotonic() + 15
-    while loop.kills < 300 and (loop.kills < 10 or time.monotonic() < deadline):
+    deadline = time.monotonic() + 12
+    while loop.kills < 300 and (loop.kills < 8 or time.monotonic() < deadline):
         with run_node(loop.root, workers=1) as node:
             loop.check(node, full=loop.kills % 10 == 0)
             batch = loop.batch()
@@ -238,7 +238,7 @@ def test_kill_loop_storescu(tmp_path: Path) -> None:
             loop.refill()
     with run_node(loop.root, workers=1) as node:
         loop.check(node, full=True)
-    assert len(loop.acknowledged) >= 10, f"seed {loop.seed}: too few stores got through"
+    assert len(loop.acknowledged) >= 8, f"seed {loop.seed}: too few stores got through"
     _record_kill_loop("kill -9 during DCMTK storescu", loop, time.monotonic() - started)
 
 

@@ -60,13 +60,26 @@ def raw_store(
     return raw_request(assoc, cx_id, req)
 
 
+def pause_reactor(assoc: Association, timeout: float = 30.0) -> None:
+    """Stop ``assoc``'s reactor thread from taking DIMSE messages off the queue, as
+    Association.send_c_store does before it sends, but without its race: ``_is_paused`` may
+    still be True from the reactor's last pause while it has already passed the checkpoint (it
+    would then take our response). So wait until the reactor is really blocked on the cleared
+    checkpoint: paused, and a waiter on the event's condition (CPython's threading.Event).
+    Release with ``assoc._reactor_checkpoint.set()``."""
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    deadline = time.monotonic() + timeout
+    while not (assoc._is_paused and checkpoint._cond._waiters):  # type: ignore[attr-defined]
+        if not assoc.is_established or time.monotonic() > deadline:
+            return  # nothing to wait for: the association is gone
+        time.sleep(0.0001)
+
+
 def raw_request(assoc: Association, cx_id: int, request: Any) -> int:
     """Send a DIMSE request primitive as it is, on context ``cx_id``; return the response's
     status."""
-    # As Association.send_c_store does: pause the reactor so it does not take our response.
-    assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.0001)
+    pause_reactor(assoc)
     try:
         assoc.dimse.send_msg(request, cx_id)
         _, rsp = assoc.dimse.get_msg(block=True)

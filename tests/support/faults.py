@@ -10,7 +10,6 @@ import random
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from dicomnode.status import Status
 from tests.support.corpus import dataset_bytes
 from tests.support.dcmtk import DCMTK_ENV
+from tests.support.dimse import pause_reactor
 from tests.support.node import RunningNode
 
 
@@ -178,16 +178,9 @@ def _store(assoc: Association, cx_id: int, sent: Sent, message_id: int) -> int |
     req.AffectedSOPInstanceUID = sent.sop_instance_uid
     req.Priority = 2
     req.DataSet = BytesIO(sent.data())
-    # Pause pynetdicom's association reactor so it does not take our response, as
-    # Association.send_c_store does, but without its race: a True left in ``_is_paused`` from the
-    # last pause (the reactor not yet woken from it) would let the reactor eat this response. So
-    # clear first, then reset the flag: a True seen after that was set by a reactor that will
-    # now block on the cleared checkpoint.
-    assoc._reactor_checkpoint.clear()
-    assoc._is_paused = False
-    deadline = time.monotonic() + 10
-    while not assoc._is_paused and assoc.is_established and time.monotonic() < deadline:
-        time.sleep(0.0001)
+    # Pause pynetdicom's association reactor so it does not take our response (without
+    # Association.send_c_store's race: see pause_reactor).
+    pause_reactor(assoc)
     try:
         if not assoc.is_established:
             return None

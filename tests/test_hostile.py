@@ -20,10 +20,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from pynetdicom.association import Association
 
 from dicomnode.status import Status
 from tests.support import reliability
-from tests.support.dimse import echo
+from tests.support.dimse import UNCOMPRESSED, associate, echo
 from tests.support.node import RunningNode, run_node
 from tests.support.rawpeer import (
     ABORT,
@@ -241,11 +242,26 @@ def test_broken_peer_is_dropped_and_nothing_is_stored(
     node = hostile_node
     rows_before = node.rows("SELECT sop_instance_uid FROM instance")
     files_before = node.stored_files()
-    with RawPeer(node.host, node.port, timeout=DEADLINE) as peer:
-        CASES[name](peer)
-        replies = peer.read_until_closed(DEADLINE)
+    with (
+        associate(node, [(VERIFICATION, UNCOMPRESSED)]) as bystander,
+        RawPeer(node.host, node.port, timeout=DEADLINE) as peer,
+    ):
+        # Another association, echoing all along: what the broken peer does must not touch it.
+        assert bystander.is_established
+        stop = threading.Event()
+        echoes: list[int] = []
+        echoing = threading.Thread(target=keep_echoing, args=(bystander, stop, echoes))
+        echoing.start()
+        try:
+            CASES[name](peer)
+            replies = peer.read_until_closed(DEADLINE)
+        finally:
+            stop.set()
+            echoing.join(timeout=DEADLINE)
         # The node ends the connection itself, within its timeouts.
         assert peer.closed, f"{name}: the node kept the connection open; got {replies}"
+        assert echoes and set(echoes) == {Status.SUCCESS}, f"{name}: bystander got {echoes}"
+        assert bystander.is_established, name
     kinds = [reply.pdu_type for reply in replies]
     # No DIMSE success for anything: whatever came back, no C-STORE-RSP said success.
     statuses = [int(rsp.Status) for rsp in peer.responses(replies) if "Status" in rsp]
@@ -274,11 +290,22 @@ def test_broken_peer_is_dropped_and_nothing_is_stored(
         reliability.record(
             "hostile PDUs (tests/test_hostile.py)",
             "every broken or hostile byte stream aborted or closed, nothing stored, "
-            "no temporary file left, a real echo and store served right after each",
+            "no temporary file left, another association echoing throughout unaffected, a real "
+            "echo and store served right after each",
             cases=baseline["cases"],
             aborts_seen=baseline["aborts"],
             peak_rss_growth_mib=round((baseline["peak"] - baseline["rss"]) / 2**20, 1),
         )
+
+
+def keep_echoing(assoc: Association, stop: threading.Event, statuses: list[int]) -> None:
+    """C-ECHO on ``assoc`` every 0.2 s (so the node's network_timeout never ends it) until
+    ``stop``; at most 200 of them."""
+    for _ in range(200):
+        rsp = assoc.send_c_echo()
+        statuses.append(int(rsp.Status) if "Status" in rsp else -1)
+        if stop.wait(0.2):
+            return
 
 
 def wait_no_temp_files(node: RunningNode, name: str) -> None:

@@ -13,6 +13,7 @@ import struct
 import zlib
 from typing import BinaryIO
 
+from pydicom.datadict import dictionary_VR
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 _ITEM = 0xFFFEE000
@@ -98,6 +99,14 @@ def check_dataset(fp: BinaryIO, start: int, end: int, transfer_syntax: str) -> N
     walker.elements(depth=0, until_delimiter=False, implicit=walker.implicit)
 
 
+def _is_sequence(tag: int) -> bool:
+    """Whether the data dictionary has ``tag`` as a sequence (as pydicom's reader decides)."""
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False
+
+
 class _Walker:
     def __init__(self, fp: BinaryIO, end: int, implicit: bool, endian: str) -> None:
         self.fp = fp
@@ -158,6 +167,10 @@ class _Walker:
             elif vr == b"SQ":
                 # Defined-length items are walked too (PS3.5 7.5.1): their nesting counts.
                 self.defined_items(depth + 1, length, implicit, where)
+            elif (implicit or vr == b"UN") and length >= 8 and _is_sequence(tag):
+                # Implicit VR (or UN, which holds implicit VR, PS3.5 6.2.2): only the data
+                # dictionary says this is a sequence, and pydicom's reader recurses into it.
+                self.defined_items(depth + 1, length, True, where)
             else:
                 self._skip(length, where)
 

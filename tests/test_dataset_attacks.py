@@ -21,7 +21,11 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import build_context, build_role, evt
 
 from dicomnode.status import Status
@@ -382,3 +386,15 @@ def test_executable_preamble(tmp_path: Path, preamble: bytes) -> None:
         preamble=preamble[:4].hex(),
         files=2,
     )
+
+
+def test_deep_nesting_in_implicit_vr(target: Target) -> None:
+    """Implicit VR hides which elements are sequences from a purely structural walk, while
+    pydicom's reader (and writer) recurse into them by the data dictionary. Stored, such an
+    instance hung a C-GET that had to re-encode it; the walk now descends into what the
+    dictionary calls a sequence, so 5000 levels are refused at the store."""
+    x = Instance()
+    data = crafted.implicit_header(x) + crafted.nested_implicit(5000)
+    before = objects(target.node)
+    status = send(target, data, x.sop_instance, str(ImplicitVRLittleEndian))
+    assert_refused(target, before, x.sop_instance, status, "sequences nested deeper than 64")

@@ -131,3 +131,27 @@ def part10(
 # "MZ", e_lfanew (offset 60) pointing at "PE\0\0" at 64: a DOS/PE header.
 PE_PREAMBLE = b"MZ" + bytes(58) + struct.pack("<I", 64) + b"PE\x00\x00" + bytes(60)
 ELF_PREAMBLE = b"\x7fELF\x02\x01\x01" + bytes(121)
+
+
+def implicit(tag: int, value: bytes) -> bytes:
+    """One implicit VR little endian element (PS3.5 7.1.3)."""
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def nested_implicit(depth: int) -> bytes:
+    """Content Sequence nested ``depth`` deep in implicit VR, defined lengths: only the data
+    dictionary says (0040,A730) is a sequence, so a reader recurses where a walker cannot see."""
+    inner = implicit(0x0040A010, b"CONTAINS")
+    for _ in range(depth):
+        inner = implicit(CONTENT_SEQUENCE, item(inner))
+    return inner
+
+
+def implicit_header(x: Instance) -> bytes:
+    return (
+        implicit(0x00080016, ui(CT))
+        + implicit(0x00080018, ui(x.sop_instance))
+        + implicit(0x00100010, even(PATIENT_NAME))
+        + implicit(0x0020000D, ui(x.study))
+        + implicit(0x0020000E, ui(x.series))
+    )

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, association
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
-from pynetdicom.dsutils import decode, encode
+from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.status import QR_GET_SERVICE_CLASS_STATUS, QR_MOVE_SERVICE_CLASS_STATUS
@@ -40,7 +40,7 @@ from dicomnode import scu, transcode
 from dicomnode.audit import FAILURE, SUCCESS, status_code
 from dicomnode.config import Peer
 from dicomnode.dimse_codec import command_set
-from dicomnode.handlers import peer_address, query_level
+from dicomnode.handlers import decode_identifier, peer_address, query_level
 from dicomnode.index.query import QueryError, StoredInstance
 from dicomnode.policy import uid_name
 from dicomnode.qr import Operation, model_of
@@ -212,14 +212,9 @@ class _Retrieval:
         return peer
 
     def _identifier(self) -> Dataset:
-        ts = self.context.transfer_syntax[0]
-        identifier = decode(
-            cast(BytesIO, self.req.Identifier),
-            ts.is_implicit_VR,
-            ts.is_little_endian,
-            ts.is_deflated,
+        return decode_identifier(
+            cast(BytesIO, self.req.Identifier), UID(self.context.transfer_syntax[0])
         )
-        return identifier
 
     def _suboperations(self, sender: _Sender, items: list[StoredInstance], tally: Tally) -> bool:
         """Run every sub-operation, reporting each; True when a C-CANCEL ended them."""

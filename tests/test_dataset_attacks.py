@@ -14,6 +14,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 import psutil
@@ -398,3 +399,38 @@ def test_deep_nesting_in_implicit_vr(target: Target) -> None:
     before = objects(target.node)
     status = send(target, data, x.sop_instance, str(ImplicitVRLittleEndian))
     assert_refused(target, before, x.sop_instance, status, "sequences nested deeper than 64")
+
+
+def test_deflated_query_identifier_bomb_is_refused(tmp_path: Path) -> None:
+    """A site that accepts deflated C-FIND identifiers: an identifier that inflates to 1 GiB is
+    answered with a failure status after bounded inflation, and queries go on."""
+    from pynetdicom.dimse_primitives import C_FIND
+
+    from tests.support.dimse import raw_request
+
+    policy = {
+        "accept": [
+            {"sop_classes": ["verification"], "transfer_syntaxes": ["uncompressed"]},
+            {"sop_classes": [STUDY_FIND], "transfer_syntaxes": ["deflated", "uncompressed"]},
+        ]
+    }
+    query = identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="", PatientID="")
+    header = pydicom.filebase.DicomBytesIO()
+    header.is_little_endian, header.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(header, query)
+    bomb = crafted.deflate_bomb(header.getvalue(), 2**30)
+    with run_node(tmp_path / "node", conformance=policy, unknown_peers=["echo", "find"]) as node:
+        rss_before = psutil.Process(node.proc.pid).memory_info().rss
+        with associate(node, [(STUDY_FIND, [str(DeflatedExplicitVRLittleEndian)])]) as assoc:
+            assert assoc.is_established
+            request = C_FIND()
+            request.MessageID = 1
+            request.AffectedSOPClassUID = STUDY_FIND
+            request.Priority = 2
+            request.Identifier = BytesIO(bomb)
+            status = raw_request(assoc, context_id(assoc, STUDY_FIND), request)
+        assert status == Status.UNABLE_TO_PROCESS
+        node.wait_for_log("identifier cannot be decoded: deflated data set inflates past")
+        grown = psutil.Process(node.proc.pid).memory_info().rss - rss_before
+        assert grown < 300 * 2**20, f"the node grew {grown / 2**20:.0f} MiB"
+        assert find(node, query, STUDY_FIND)[1] == Status.SUCCESS

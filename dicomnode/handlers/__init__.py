@@ -10,10 +10,11 @@ from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pynetdicom.dsutils import decode
 
 from dicomnode.audit import FAILURE, SUCCESS, status_code
-from dicomnode.encoding import check_dataset
+from dicomnode.encoding import check_dataset, inflate
 from dicomnode.index.query import QueryError
 from dicomnode.status import Category, Status, category
 from dicomnode.worklist import decode_values
@@ -87,8 +88,30 @@ def request_dataset(event: Any, name: str) -> Dataset:
     raw = getattr(event.request, _DATASETS[name])
     data = raw.getvalue() if isinstance(raw, BytesIO) else b""
     syntax = str(event.context.transfer_syntax)
-    if data and syntax != DeflatedExplicitVRLittleEndian:
-        check_dataset(BytesIO(data), 0, len(data), syntax)
-    ds: Dataset = copy.deepcopy(getattr(event, name))
+    if data and syntax == DeflatedExplicitVRLittleEndian:
+        plain = inflated(data)
+        check_dataset(BytesIO(plain), 0, len(plain), ExplicitVRLittleEndian)
+        ds: Dataset = decode(BytesIO(plain), False, True)
+    else:
+        if data:
+            check_dataset(BytesIO(data), 0, len(data), syntax)
+        ds = copy.deepcopy(getattr(event, name))
     decode_values(ds)
     return ds
+
+
+def inflated(data: bytes) -> bytes:
+    """A deflated data set (PS3.5 A.5) inflated in bounded steps (``encoding.inflate``):
+    pynetdicom's own decode inflates the whole stream in memory, and a few KB of deflate can
+    claim gigabytes. Raises :class:`~dicomnode.encoding.EncodingError` past the bound."""
+    out = BytesIO()
+    inflate(BytesIO(data), len(data), out)
+    return out.getvalue()
+
+
+def decode_identifier(raw: BytesIO | None, syntax: UID) -> Dataset:
+    """An identifier as pynetdicom decodes it, a deflated one inflated within bounds first."""
+    data = raw.getvalue() if raw is not None else b""
+    if syntax == DeflatedExplicitVRLittleEndian:
+        return decode(BytesIO(inflated(data)), False, True)
+    return decode(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)

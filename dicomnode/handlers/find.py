@@ -12,7 +12,7 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.events import Event
 
 from dicomnode.archive import TooManyMatches
-from dicomnode.handlers import audit_query, query_failure, query_level
+from dicomnode.handlers import audit_query, decode_identifier, query_failure, query_level
 from dicomnode.handlers.worklist import handle_worklist_find
 from dicomnode.index.query import QueryError, for_transfer_syntax
 from dicomnode.policy import uid_name
@@ -39,11 +39,16 @@ def handle_find(event: Event, node: Node) -> Iterator[Response]:
         name = uid_name(sop_class)
         yield _failed(event, node, name, None, Status.SOP_CLASS_NOT_SUPPORTED, f"{name} model")
         return
-    identifier = event.identifier
-    level = query_level(identifier)
     # The answers are written in the negotiated transfer syntax: say so, so that encoding them
     # copies their already encoded values (query.for_transfer_syntax).
     syntax = UID(event.context.transfer_syntax)
+    try:
+        identifier = decode_identifier(request.Identifier, syntax)
+    except Exception as exc:  # a bomb past the inflate bound, or what pydicom cannot decode
+        why = f"identifier cannot be decoded: {exc}"
+        yield _failed(event, node, model.value, None, Status.UNABLE_TO_PROCESS, why)
+        return
+    level = query_level(identifier)
     implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
     matched = 0
     audited = False

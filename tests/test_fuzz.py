@@ -136,6 +136,8 @@ def mutate(stream: list[bytes], rng: random.Random) -> tuple[list[bytes], list[s
         else:
             i = rng.randrange(len(pdus))
             data = bytearray(pdus[i])
+            if not data:  # truncated to nothing by an earlier mutation: nothing to change
+                continue
             at = rng.randrange(len(data))
             if op == "flip":
                 data[at] ^= 1 << rng.randrange(8)

@@ -159,12 +159,9 @@ class EventDUL(DULServiceProvider):
         local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
         bound = pdu_length_bound(pdu_type, int(local.maximum_length or 0))
         if bound is None or pdu_length > bound:
-            remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
-            address = getattr(remote, "address_info", None)
             log.warning(
-                "aborting the association from %s:%s: a PDU of type 0x%02X declares %d bytes%s",
-                getattr(address, "address", "?"),
-                getattr(address, "port", "?"),
+                "aborting the association from %s: a PDU of type 0x%02X declares %d bytes%s",
+                self._peer_address(),
                 pdu_type,
                 pdu_length,
                 f", more than the {bound} allowed" if bound is not None else " (unknown type)",
@@ -193,13 +190,10 @@ class EventDUL(DULServiceProvider):
             if unknown:
                 # PS3.8 9.3.5.1: a PDV's context ID must be one accepted at association; the
                 # rest of the message could not be decoded against any transfer syntax.
-                remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
-                address = getattr(remote, "address_info", None)
                 log.warning(
-                    "aborting the association from %s:%s: P-DATA on presentation context %s, "
+                    "aborting the association from %s: P-DATA on presentation context %s, "
                     "never accepted",
-                    getattr(address, "address", "?"),
-                    getattr(address, "port", "?"),
+                    self._peer_address(),
                     ", ".join(map(str, unknown)),
                 )
                 self._abort_now(_INVALID_PDU_PARAMETER)
@@ -213,18 +207,21 @@ class EventDUL(DULServiceProvider):
             # A release asked for with a DIMSE message half received (PS3.8 7.2: release comes
             # when the service user has nothing more to send). Releasing would read as an
             # orderly end; the message is lost either way, so say so with A-ABORT.
-            remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
-            address = getattr(remote, "address_info", None)
             log.warning(
-                "aborting the association from %s:%s: A-RELEASE-RQ in the middle of a DIMSE "
-                "message",
-                getattr(address, "address", "?"),
-                getattr(address, "port", "?"),
+                "aborting the association from %s: A-RELEASE-RQ in the middle of a DIMSE message",
+                self._peer_address(),
             )
             self._abort_now(_UNEXPECTED_PDU)
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _peer_address(self) -> str:
+        """host:port of the other end, for log lines."""
+        assoc = self.assoc
+        remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+        address = getattr(remote, "address_info", None)
+        return f"{getattr(address, 'address', '?')}:{getattr(address, 'port', '?')}"
 
     def _send(self, pdu: Any) -> None:
         with self._send_lock:

@@ -182,9 +182,18 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int, quiet: bool
 def _register() -> None:
     # Subcommands live in their own modules; importing them here (not at package import time of
     # dicomnode itself) keeps `import dicomnode` free of side effects.
-    from dicomnode.cli import archive_cmds, maintenance_cmds, scu_cmds, serve_cmd, worklist_cmds
+    from dicomnode.cli import (
+        archive_cmds,
+        conformance_cmds,
+        maintenance_cmds,
+        probe_cmd,
+        scu_cmds,
+        serve_cmd,
+        worklist_cmds,
+    )
 
-    for module in (serve_cmd, scu_cmds, archive_cmds, maintenance_cmds, worklist_cmds):
+    modules = (serve_cmd, scu_cmds, archive_cmds, maintenance_cmds, worklist_cmds)
+    for module in (*modules, conformance_cmds, probe_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

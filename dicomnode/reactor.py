@@ -28,13 +28,15 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pynetdicom.association
 import pynetdicom.dul
+import pynetdicom.service_class
 from pynetdicom import evt
 from pynetdicom.dimse import _RSP_TO_MESSAGE, DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
@@ -471,12 +473,7 @@ def _run_association_reactor(self: Any) -> None:
             served = True
 
         if self.is_established and self.acse.is_release_requested():
-            self.acse.send_release(is_response=True)
-            pynetdicom.association.LOGGER.info("Association Released")
-            self.is_released = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_RELEASED, {})
-            self.kill()
+            _answer_release(self)
             return
 
         if self.acse.is_aborted():
@@ -508,6 +505,53 @@ def _run_association_reactor(self: Any) -> None:
             return
 
 
+def _answer_release(assoc: Any) -> None:
+    """Answer the A-RELEASE-RQ just taken off the queue and end the association, as pynetdicom's
+    loop does (PS3.8 9.2: A-RELEASE-RP, then the requestor closes the connection)."""
+    assoc.acse.send_release(is_response=True)
+    pynetdicom.association.LOGGER.info("Association Released")
+    assoc.is_released = True
+    assoc.is_established = False
+    evt.trigger(assoc, evt.EVT_RELEASED, {})
+    assoc.kill()
+
+
+def _wrap_service_handler(self: Any, handler: Iterator[Any]) -> Iterator[tuple[Any, Any]]:
+    """pynetdicom's ``ServiceClass._wrap_handler`` (3.0.x), which runs a C-FIND, C-MOVE or C-GET
+    handler one response at a time, but answering an A-RELEASE-RQ that arrives meanwhile.
+
+    pynetdicom stops the operation then, having taken the A-RELEASE-RQ off the queue, and nobody
+    answers it: the requestor waits for its A-RELEASE-RP until a timeout, and so do we, then
+    abort. A requestor releases when it has nothing more to send (PS3.8 7.2), so here the
+    operation stops (the handler is closed, which ends C-MOVE sub-associations and database
+    reads), no further response is sent, and the release is answered at once.
+    """
+    assoc = self.assoc
+    try:
+        for result in handler:
+            if assoc.acse.is_aborted():
+                _close(handler)
+                return
+            if assoc.acse.is_release_requested():
+                log.warning(
+                    "A-RELEASE-RQ from %s before the operation was complete: stopped it and "
+                    "released the association",
+                    assoc.dul._peer_address(),
+                )
+                _close(handler)
+                _answer_release(assoc)
+                return
+            yield (result, None)
+    except Exception:
+        yield (None, sys.exc_info())
+
+
+def _close(handler: Iterator[Any]) -> None:
+    close = getattr(handler, "close", None)
+    if close is not None:
+        close()
+
+
 _installed = False
 
 
@@ -522,4 +566,5 @@ def install_reactor_hooks() -> None:
     pynetdicom.association.DULServiceProvider = EventDUL  # type: ignore[attr-defined]
     pynetdicom.association.DIMSEServiceProvider = EventDIMSE  # type: ignore[attr-defined]
     pynetdicom.association.Association._run_reactor = _run_association_reactor  # type: ignore[method-assign]
+    pynetdicom.service_class.ServiceClass._wrap_handler = _wrap_service_handler  # type: ignore[method-assign]
     _installed = True

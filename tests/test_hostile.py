@@ -38,10 +38,13 @@ from tests.support.rawpeer import (
     IMPLICIT,
     P_DATA_TF,
     RELEASE_RP,
+    STUDY_ROOT_FIND,
     VERIFICATION,
     RawPeer,
     associate_rq,
     command_set,
+    find_identifier,
+    find_rq,
     p_data,
     pdu,
     pdv,
@@ -313,6 +316,39 @@ def wait_no_temp_files(node: RunningNode, name: str) -> None:
     while node.temp_files() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert node.temp_files() == [], f"{name}: {node.temp_files()}"
+
+
+def test_release_during_find_is_answered(hostile_node: RunningNode) -> None:
+    """An A-RELEASE-RQ right behind a C-FIND-RQ, so that it arrives while the find is being
+    answered: the node stops the find and answers A-RELEASE-RP (PS3.8 7.2: the requestor has
+    nothing more to send), instead of leaving the caller waiting until limits.network_timeout
+    and then aborting (pynetdicom's Q/R loop takes the A-RELEASE-RQ off the queue and never
+    answers it)."""
+    node = hostile_node
+    for _ in range(3):  # studies to match, so the find has pending responses to send
+        assert store_status(node.host, node.port) == Status.SUCCESS
+    with RawPeer(node.host, node.port, timeout=DEADLINE) as peer:
+        ac = peer.associate([(1, STUDY_ROOT_FIND, [IMPLICIT])])
+        assert ac.pdu_type == ASSOCIATE_AC and ac.contexts.get(1) == 0, ac
+        query = p_data(pdv(1, COMMAND_LAST, find_rq())) + p_data(
+            pdv(1, DATA_LAST, find_identifier())
+        )
+        assert peer.send(query + release_rq())
+        replies = peer.read_until_closed(DEADLINE)
+        assert peer.closed, f"the node kept the connection open; got {replies}"
+    kinds = [reply.pdu_type for reply in replies]
+    # Released, not aborted (an abort here is the network timeout giving up on us).
+    assert kinds[-1] == RELEASE_RP and ABORT not in kinds, kinds
+    statuses = [int(rsp.Status) for rsp in peer.responses(replies) if "Status" in rsp]
+    assert all(s in (Status.PENDING, Status.SUCCESS) for s in statuses), statuses
+    assert node.proc.poll() is None
+    assert echo(node) == Status.SUCCESS
+    reliability.record(
+        "A-RELEASE-RQ during a C-FIND",
+        "the find stopped and the release answered with A-RELEASE-RP; no abort, no hang "
+        "until the network timeout",
+        responses_before_release=len(statuses),
+    )
 
 
 # --- slow peers ---------------------------------------------------------------------------------

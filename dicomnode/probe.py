@@ -374,70 +374,86 @@ def _sweep(prober: _Prober, result: ProbeResult, options: ProbeOptions) -> None:
 
 
 def _preference(prober: _Prober, result: ProbeResult, options: ProbeOptions) -> None:
-    """Stage 3: the order of preference among the accepted syntaxes of every class."""
-    open_: dict[str, list[str]] = {}  # class -> its syntaxes not yet placed, in our order
-    placed: dict[str, list[str]] = {}
-    for entry in result.classes.values():
-        if len(entry.accepted) >= 2:
-            open_[entry.sop_class] = list(entry.accepted)
-            placed[entry.sop_class] = []
-    if not open_:
+    """Stage 3: the order of preference among the accepted syntaxes of every class.
+
+    Each class asks one question at a time (its first: the accepted set forwards and reversed;
+    then the syntaxes not yet placed). Questions wait in a queue and each association carries
+    up to 128 of them from different classes, so a class whose answer came back asks its next
+    question in the next association, beside classes still on their first: the number of
+    associations is about the number of contexts / 128, not rounds x batches.
+    """
+    search = {
+        e.sop_class: _Search(e.sop_class, list(e.accepted))
+        for e in result.classes.values()
+        if len(e.accepted) >= 2
+    }
+    if not search:
         return
     if options.preference_depth == 0:  # not asked for: in our order
-        for uid in open_:
+        for uid in search:
             result.classes[uid].order = Order.UNPROBED
         return
-    # Round 1: forwards and reversed. The same choice both times: it has a preference of its own.
-    offers = [
-        _Offer(uid, tuple(order), tag)
-        for uid, syntaxes in open_.items()
-        for tag, order in (("forward", syntaxes), ("reversed", syntaxes[::-1]))
-    ]
-    picks: dict[tuple[str, str], str | None] = {
-        (a.offer.sop_class, a.offer.tag): a.transfer_syntax for a in prober.sweep(offers)
-    }
-    for uid in list(open_):
-        forward, backward = picks[(uid, "forward")], picks[(uid, "reversed")]
+    queue: dict[str, list[_Offer]] = {uid: job.first_question() for uid, job in search.items()}
+    size = scu.MAX_CONTEXTS_PER_ASSOCIATION
+    while queue:
+        batch: list[_Offer] = []
+        for uid in list(queue):
+            if len(batch) + len(queue[uid]) > size:
+                break
+            batch += queue.pop(uid)
+        answers, _ = prober.associate(batch)
+        by_class: dict[str, list[_Answer]] = {}
+        for answer in answers:
+            by_class.setdefault(answer.offer.sop_class, []).append(answer)
+        for uid, replies in by_class.items():
+            question = search[uid].answered(replies, options.preference_depth)
+            if question:
+                queue[uid] = question  # to the back of the queue
+    for uid, job in search.items():
         entry = result.classes[uid]
-        if forward is None or backward is None:
-            entry.order = Order.UNSURE
-            del open_[uid]
-        elif forward != backward:
-            entry.order = Order.PROPOSER
-            del open_[uid]
-        else:
-            _place(open_, placed, uid, forward)
-    depth = options.preference_depth
-    while open_:
-        ready = [uid for uid in open_ if depth is not None and len(placed[uid]) >= depth]
-        for uid in ready:
-            result.classes[uid].order = Order.PARTIAL
-            placed[uid] += open_.pop(uid)
-        if not open_:
-            break
-        offers = [_Offer(uid, tuple(syntaxes)) for uid, syntaxes in open_.items()]
-        for answer in prober.sweep(offers):
-            uid = answer.offer.sop_class
-            if answer.transfer_syntax is None or answer.transfer_syntax not in open_[uid]:
-                # It accepted each of these alone a moment ago: its answers are not stable.
-                result.classes[uid].order = Order.UNSURE
-                placed[uid] += open_.pop(uid)
-            else:
-                _place(open_, placed, uid, answer.transfer_syntax)
-    for uid, order in placed.items():
-        entry = result.classes[uid]
-        if entry.order is Order.SINGLE:  # every syntax placed by its own choices
-            entry.order = Order.ACCEPTOR
+        entry.order = job.order
         # Placed syntaxes first; the rest (all of them for PROPOSER) in our order.
-        entry.accepted = tuple(order + [ts for ts in entry.accepted if ts not in order])
+        entry.accepted = tuple(job.placed + [ts for ts in entry.accepted if ts not in job.placed])
 
 
-def _place(open_: dict[str, list[str]], placed: dict[str, list[str]], uid: str, ts: str) -> None:
-    """``ts`` is the next preferred syntax of ``uid``; a single one left follows it."""
-    placed[uid].append(ts)
-    open_[uid].remove(ts)
-    if len(open_[uid]) <= 1:
-        placed[uid] += open_.pop(uid)
+@dataclass
+class _Search:
+    """The search for one class's order of preference."""
+
+    sop_class: str
+    open: list[str]  # its accepted syntaxes not yet placed, in our order
+    placed: list[str] = field(default_factory=list)
+    order: Order = Order.ACCEPTOR
+
+    def first_question(self) -> list[_Offer]:
+        # The same choice both ways round: it picks by a preference of its own (PS3.8 9.3.3.2
+        # leaves the choice to the acceptor; some follow the proposer's order).
+        return [
+            _Offer(self.sop_class, tuple(self.open), "forward"),
+            _Offer(self.sop_class, tuple(reversed(self.open)), "reversed"),
+        ]
+
+    def answered(self, replies: list[_Answer], depth: int | None) -> list[_Offer]:
+        """Take the answers to the last question; the next question, or none when done."""
+        picks = {a.offer.tag: a.transfer_syntax for a in replies}
+        chosen = picks.get("forward", picks.get(""))
+        if any(ts is None or ts not in self.open for ts in picks.values()) or chosen is None:
+            # It accepted each of these alone a moment ago: its answers are not stable.
+            self.order = Order.UNSURE
+            return []
+        if "reversed" in picks and picks["reversed"] != chosen:
+            self.order = Order.PROPOSER
+            return []
+        self.placed.append(chosen)
+        self.open.remove(chosen)
+        if len(self.open) <= 1:
+            self.placed += self.open
+            self.open = []
+            return []
+        if depth is not None and len(self.placed) >= depth:
+            self.order = Order.PARTIAL
+            return []
+        return [_Offer(self.sop_class, tuple(self.open))]
 
 
 def _roles(prober: _Prober, result: ProbeResult, options: ProbeOptions) -> None:

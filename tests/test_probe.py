@@ -1,0 +1,457 @@
+"""``dicomnode probe`` against real peers over loopback: DCMTK storescp (a restricted
+association negotiation profile, and accept-all), DCMTK dcmqrscp, Orthanc and our own node.
+
+Every expectation comes from how the peer was configured (storescp's profile file, Orthanc's
+configuration, our node's conformance YAML) or from what the peer documents (DCMTK's
+storescp.cfg), never from an earlier probe.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydicom._uid_dict import UID_dictionary
+
+from dicomnode import probe
+from dicomnode.config import Config, Limits, Peer, Service
+from dicomnode.identity import IMPLEMENTATION_CLASS_UID
+from dicomnode.policy import (
+    SOP_CLASS_GROUPS,
+    TRANSFER_SYNTAX_GROUPS,
+    AcceptedClass,
+    parse_policy,
+)
+from dicomnode.preflight import PeerConformance, parse_peer_conformance
+from dicomnode.status import ExitCode
+from tests.support.dcmtk import Endpoint, dcmqrscp, free_port, require_dcmtk, storescp
+from tests.support.node import RunningNode, run_node
+from tests.support.orthanc import OrthancEndpoint, orthanc, require_orthanc
+
+PROBER_AET = "DNPROBER"
+
+
+def uid(keyword: str) -> str:
+    """The UID of a pydicom keyword, as the YAML names it."""
+    found = [u for u, info in UID_dictionary.items() if info[4] == keyword]
+    assert len(found) == 1, keyword
+    return found[0]
+
+
+CT, MR, SC = uid("CTImageStorage"), uid("MRImageStorage"), uid("SecondaryCaptureImageStorage")
+US = uid("UltrasoundImageStorage")
+VERIFICATION = uid("Verification")
+EVRLE, IVRLE = uid("ExplicitVRLittleEndian"), uid("ImplicitVRLittleEndian")
+EVRBE, DEFLATED = uid("ExplicitVRBigEndian"), uid("DeflatedExplicitVRLittleEndian")
+J2K_LOSSLESS, JPEGLS_LOSSLESS = uid("JPEG2000Lossless"), uid("JPEGLSLossless")
+HTJ2K_LOSSLESS, RLE = uid("HTJ2KLossless"), uid("RLELossless")
+QR_MODELS = {
+    f"{root}QueryRetrieveInformationModel{op}": uid(f"{root}QueryRetrieveInformationModel{op}")
+    for root in ("PatientRoot", "StudyRoot")
+    for op in ("Find", "Move", "Get")
+}
+MWL_FIND = uid("ModalityWorklistInformationModelFind")
+MPPS = uid("ModalityPerformedProcedureStep")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def write_config(path: Path, **settings: Any) -> Path:
+    """Our SCU's configuration: its own AE title, short timeouts."""
+    data: dict[str, Any] = {
+        "ae_title": PROBER_AET,
+        "limits": {"acse_timeout": 5, "dimse_timeout": 10, "network_timeout": 10},
+        **settings,
+    }
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def run_cli(config: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``python -m dicomnode.cli --config CONFIG ARGS`` as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "DICOMNODE_CONFIG"}
+    argv = [sys.executable, "-m", "dicomnode.cli", "--config", str(config), *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def probe_cli(
+    config: Path, address: str, out: Path, *args: str | Path
+) -> tuple[PeerConformance, str, subprocess.CompletedProcess[str]]:
+    """Run ``dicomnode probe``; the YAML it wrote, parsed as ``check`` reads it, and its text."""
+    result = run_cli(config, "probe", address, "--output", out, *args)
+    assert result.returncode == ExitCode.SUCCESS, result.stderr
+    text = out.read_text(encoding="utf-8")
+    return parse_peer_conformance(yaml.safe_load(text), str(out)), text, result
+
+
+def syntaxes(peer: PeerConformance) -> dict[str, tuple[str, ...]]:
+    return {sop: accepted.transfer_syntaxes for sop, accepted in peer.accept.items()}
+
+
+def associations(text: str) -> int:
+    match = re.search(r"Probed by dicomnode probe: (\d+) associations", text)
+    assert match, text
+    return int(match.group(1))
+
+
+def api_config() -> Config:
+    return Config(ae_title=PROBER_AET, limits=Limits(acse_timeout=5, dimse_timeout=10))
+
+
+def as_peer(endpoint: Endpoint) -> Peer:
+    return Peer(name=endpoint.aet, ae_title=endpoint.aet, host=endpoint.host, port=endpoint.port)
+
+
+# --- storescp with a restricted association negotiation profile -------------------------------
+
+# DCMTK's configuration file format (storescp -xf FILE PROFILE; /etc/dcmtk/storescp.cfg is the
+# documented sample): transfer syntax lists in the acceptor's order of preference, presentation
+# contexts pairing a SOP class with a list, and a profile naming the contexts.
+RESTRICTED_PROFILE = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LittleEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[J2KFirst]
+TransferSyntax1 = JPEG2000LosslessOnly
+TransferSyntax2 = LittleEndianExplicit
+[ExplicitFirst]
+TransferSyntax1 = LittleEndianExplicit
+TransferSyntax2 = JPEG2000LosslessOnly
+
+[[PresentationContexts]]
+[Restricted]
+PresentationContext1 = VerificationSOPClass\\Uncompressed
+PresentationContext2 = CTImageStorage\\J2KFirst
+PresentationContext3 = SecondaryCaptureImageStorage\\J2KFirst
+PresentationContext4 = MRImageStorage\\ExplicitFirst
+
+[[Profiles]]
+[Restricted]
+PresentationContexts = Restricted
+"""
+
+
+@pytest.fixture(scope="module")
+def restricted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    root = tmp_path_factory.mktemp("restricted")
+    profile = root / "restricted.cfg"
+    profile.write_text(RESTRICTED_PROFILE, encoding="ascii")
+    with storescp(
+        root / "out", aet="RESTRICTED", options=("-xf", str(profile), "Restricted")
+    ) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def accept_all(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    with storescp(tmp_path_factory.mktemp("accept_all") / "out", aet="ACCEPTALL") as endpoint:
+        yield endpoint
+
+
+def test_restricted_storescp_full_default_probe(restricted: Endpoint, tmp_path: Path) -> None:
+    """The default probe (every storage class x every transfer syntax) finds exactly the
+    profile: Verification, CT and SC with JPEG 2000 lossless preferred, MR with explicit VR
+    little endian preferred; nothing else; screening keeps it to a few associations."""
+    config = write_config(tmp_path / "scu.yaml")
+    out = tmp_path / "restricted.yaml"
+    peer, text, result = probe_cli(config, restricted.address, out)
+
+    assert syntaxes(peer) == {
+        VERIFICATION: (EVRLE, IVRLE),
+        CT: (J2K_LOSSLESS, EVRLE),
+        SC: (J2K_LOSSLESS, EVRLE),
+        MR: (EVRLE, J2K_LOSSLESS),
+    }
+    # No Q/R model accepted: no C-GET, so no role selection was asked or written.
+    assert all(a.scu_role is None and a.scp_role is None for a in peer.accept.values())
+    assert "roles:" not in text
+    # Compact: one accept rule per distinct transfer syntax list (CT and SC share theirs).
+    data = yaml.safe_load(text)
+    assert len(data["accept"]) == 3
+    assert sorted(data["accept"][1]["sop_classes"]) == [
+        "CTImageStorage",
+        "SecondaryCaptureImageStorage",
+    ]
+    device = peer.device
+    assert device.ae_title == "RESTRICTED"
+    assert device.max_pdu_size == 16384  # storescp's default -pdu
+    assert device.implementation_class_uid.startswith("1.2.276.0.7230010.3.")  # OFFIS DCMTK
+    assert device.implementation_version_name.startswith("OFFIS_DCMTK")
+    assert device.probed["host"] == restricted.host
+    assert device.probed["port"] == str(restricted.port)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", device.probed["at"])
+    # 170 classes screened in 2 associations, the 4 accepted swept in 1, their order in 1.
+    assert associations(text) <= 5
+    assert "C-ECHO answered 0x0000 Success" in result.stderr
+    assert "3 of 170 SOP classes accepted" in result.stderr
+
+
+def test_exhaustive_sweep_agrees_with_screening(accept_all: Endpoint) -> None:
+    """Screening only skips contexts: without it (every pair proposed) the answers are the
+    same. storescp +xa accepts what DCMTK 3.6.7 knows: no HTJ2K, and no Enhanced RT Image."""
+    enhanced_rt = uid("EnhancedRTImageStorage")
+    candidates = (EVRLE, IVRLE, J2K_LOSSLESS, HTJ2K_LOSSLESS, RLE)
+    base = probe.ProbeOptions(
+        sop_classes=(CT, MR, enhanced_rt), transfer_syntaxes=candidates, services=False
+    )
+    screened = probe.probe(api_config(), as_peer(accept_all), base)
+    exhaustive = probe.probe(
+        api_config(), as_peer(accept_all), probe.ProbeOptions(**{**vars(base), "screen": False})
+    )
+    assert screened.failure is None and exhaustive.failure is None
+    found = {u: set(r.accepted) for u, r in screened.accepted().items()}
+    assert found == {u: set(r.accepted) for u, r in exhaustive.accepted().items()}
+    assert found == {CT: {EVRLE, IVRLE, J2K_LOSSLESS, RLE}, MR: {EVRLE, IVRLE, J2K_LOSSLESS, RLE}}
+    assert screened.classes[enhanced_rt].screen_result == probe.ABSTRACT_SYNTAX_NOT_SUPPORTED
+    # Same order of preference either way, and it is storescp's own (JPEG 2000 first).
+    assert screened.classes[CT].accepted == exhaustive.classes[CT].accepted
+    assert screened.classes[CT].accepted[0] == J2K_LOSSLESS
+    assert screened.classes[CT].order is probe.Order.ACCEPTOR
+    assert screened.contexts < exhaustive.contexts
+
+
+# storescp +xa's order of preference, as DCMTK documents it in the [AnyTransferSyntax] list of
+# /etc/dcmtk/storescp.cfg (JPEG 2000 first ... uncompressed last).
+DCMTK_ANY_ORDER = (
+    "JPEG2000",
+    "JPEG2000Lossless",
+    "JPEGExtended12Bit",
+    "JPEGBaseline8Bit",
+    "JPEGLosslessSV1",
+    "JPEGLSNearLossless",
+    "JPEGLSLossless",
+    "RLELossless",
+    "MPEG2MPML",
+    "MPEG2MPHL",
+    "MPEG4HP41",
+    "MPEG4HP41BD",
+    "MPEG4HP422D",
+    "MPEG4HP423D",
+    "MPEG4HP42STEREO",
+    "HEVCMP51",
+    "HEVCM10P51",
+    "DeflatedExplicitVRLittleEndian",
+    "ExplicitVRLittleEndian",
+    "ExplicitVRBigEndian",
+    "ImplicitVRLittleEndian",
+)
+
+
+def test_full_default_sweep_of_accept_all_storescp(
+    accept_all: Endpoint, tmp_path: Path, record_property: Any
+) -> None:
+    """The full default probe (170 storage classes x 39 transfer syntaxes, order of preference
+    and all) against a peer that accepts nearly everything: the worst case, timed."""
+    config = write_config(tmp_path / "scu.yaml")
+    out = tmp_path / "accept_all.yaml"
+    started = time.monotonic()
+    peer, text, result = probe_cli(config, accept_all.address, out)
+    elapsed = time.monotonic() - started
+    record_property("probe_seconds", round(elapsed, 2))
+    record_property("probe_associations", associations(text))
+    print(f"full default probe of storescp +xa: {elapsed:.1f} s, {associations(text)} associations")
+    storage = {u: a for u, a in peer.accept.items() if u in SOP_CLASS_GROUPS["storage"]}
+    assert len(storage) >= 150
+    assert CT in storage and uid("EnhancedRTImageStorage") not in storage
+    expected = tuple(uid(name) for name in DCMTK_ANY_ORDER)
+    assert storage[CT].transfer_syntaxes == expected
+    assert HTJ2K_LOSSLESS not in storage[CT].transfer_syntaxes
+    # Batches of at most 128 contexts: 170 classes x 39 candidate syntaxes cannot take fewer.
+    assert associations(text) >= len(storage) * len(expected) // 128
+    assert elapsed < 60, result.stderr
+
+
+# --- exit codes -----------------------------------------------------------------------------
+
+
+def test_unreachable_and_refusing_peers_exit_as_echo_does(tmp_path: Path) -> None:
+    require_dcmtk("storescp")
+    config = write_config(tmp_path / "scu.yaml")
+    nobody = f"NOBODY@127.0.0.1:{free_port()}"
+    out = tmp_path / "never.yaml"
+    probed = run_cli(config, "probe", nobody, "--output", out)
+    echoed = run_cli(config, "echo", nobody)
+    assert probed.returncode == echoed.returncode == ExitCode.UNREACHABLE
+    assert "cannot connect" in probed.stderr
+    assert not out.exists()
+    with storescp(tmp_path / "refuse", aet="REFUSER", options=("--refuse",)) as refuser:
+        probed = run_cli(config, "probe", refuser.address, "--output", out)
+        echoed = run_cli(config, "echo", refuser.address)
+    assert probed.returncode == echoed.returncode == ExitCode.UNREACHABLE
+    assert "rejected the association" in probed.stderr
+    assert not out.exists()
+
+
+def test_bad_names_are_usage_errors(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "scu.yaml")
+    for args in (
+        ("--sop-class", "NoSuchStorage"),
+        ("--transfer-syntax", "CTImageStorage"),
+        ("--sop-class", "ExplicitVRLittleEndian"),
+    ):
+        result = run_cli(config, "probe", "X@127.0.0.1:104", *args)
+        assert result.returncode == ExitCode.USAGE, (args, result.stderr)
+        assert args[0] in result.stderr
+
+
+# --- dcmqrscp: Query/Retrieve and C-GET role selection ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qrscp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    with dcmqrscp(tmp_path_factory.mktemp("qrscp") / "store", max_pdu=32768) as endpoint:
+        yield endpoint
+
+
+def test_dcmqrscp_models_and_get_roles(qrscp: Endpoint, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "scu.yaml")
+    peer, text, _ = probe_cli(
+        config,
+        qrscp.address,
+        tmp_path / "qr.yaml",
+        "--sop-class",
+        "CTImageStorage",
+        "--sop-class",
+        "MRImageStorage",
+        "--transfer-syntax",
+        "uncompressed",
+    )
+    for name, model in QR_MODELS.items():
+        assert model in peer.accept, name
+        assert EVRLE in peer.accept[model].transfer_syntaxes
+    assert MWL_FIND not in peer.accept and MPPS not in peer.accept
+    # Role selection proposed with a C-GET model: dcmqrscp answers for each storage class that
+    # we may be SCP (receive the C-GET's C-STOREs) and SCU.
+    for sop in (CT, MR):
+        assert peer.accept[sop].scp_role is True
+        assert peer.accept[sop].scu_role is True
+    assert yaml.safe_load(text)["roles"] == [
+        {"sop_classes": ["CTImageStorage", "MRImageStorage"], "scu": True, "scp": True}
+    ]
+    assert peer.device.max_pdu_size == 32768  # its MaxPDUSize
+
+
+def test_no_roles_option_leaves_roles_out(qrscp: Endpoint) -> None:
+    options = probe.ProbeOptions(sop_classes=(CT,), transfer_syntaxes=(EVRLE,), roles=False)
+    result = probe.probe(api_config(), as_peer(qrscp), options)
+    assert result.failure is None
+    assert result.classes[CT].accepted == (EVRLE,)
+    assert result.classes[CT].scp_role is None and not result.classes[CT].roles_proposed
+
+
+# --- Orthanc --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def orthanc_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancEndpoint]:
+    require_orthanc()
+    with orthanc(
+        tmp_path_factory.mktemp("orthanc"), config_overrides={"MaximumPduLength": 65536}
+    ) as endpoint:
+        yield endpoint
+
+
+def test_orthanc(orthanc_peer: OrthancEndpoint, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "scu.yaml")
+    peer, _, _ = probe_cli(
+        config,
+        orthanc_peer.address,
+        tmp_path / "orthanc.yaml",
+        "--sop-class",
+        "CTImageStorage",
+        "--sop-class",
+        "MRImageStorage",
+    )
+    device = peer.device
+    assert device.implementation_class_uid and device.implementation_version_name
+    assert device.implementation_class_uid != IMPLEMENTATION_CLASS_UID
+    assert device.max_pdu_size == 65536
+    ct = peer.accept[CT].transfer_syntaxes
+    # tests/support/orthanc.py: every syntax DCMTK 3.6.7 knows, no HTJ2K or SMPTE ST 2110.
+    for accepted in (EVRLE, IVRLE, DEFLATED, J2K_LOSSLESS, JPEGLS_LOSSLESS, RLE):
+        assert accepted in ct
+    assert HTJ2K_LOSSLESS not in ct
+    assert not {u for u in TRANSFER_SYNTAX_GROUPS["all"] if "1.2.840.10008.1.2.7" in u} & set(ct)
+    assert VERIFICATION in peer.accept
+    for name, model in QR_MODELS.items():
+        assert model in peer.accept, name
+    assert MWL_FIND not in peer.accept  # no worklist plugin loaded
+    assert peer.accept[CT].scp_role is True  # C-GET: it agrees to send us C-STOREs
+
+
+# --- our own node ----------------------------------------------------------------------------
+
+NODE_CONFORMANCE: dict[str, Any] = {
+    "accept": [
+        {"sop_classes": ["verification"], "transfer_syntaxes": [IVRLE, EVRLE]},
+        {
+            "sop_classes": ["CTImageStorage"],
+            "transfer_syntaxes": ["JPEG2000Lossless", "JPEGLSLossless", "ExplicitVRLittleEndian"],
+        },
+        {"sop_classes": ["MRImageStorage", "SecondaryCaptureImageStorage"],
+         "transfer_syntaxes": ["uncompressed"]},
+        {
+            "sop_classes": [
+                "StudyRootQueryRetrieveInformationModelFind",
+                "StudyRootQueryRetrieveInformationModelGet",
+            ],
+            "transfer_syntaxes": ["ExplicitVRLittleEndian"],
+        },
+        {"sop_classes": ["ModalityWorklistInformationModelFind"],
+         "transfer_syntaxes": ["ImplicitVRLittleEndian", "ExplicitVRLittleEndian"]},
+    ],
+    "roles": [
+        {"sop_classes": ["CTImageStorage"], "scu": True, "scp": True},
+        {"sop_classes": ["MRImageStorage"], "scu": True, "scp": False},
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
+    everything = [s.value for s in Service]
+    root = tmp_path_factory.mktemp("node") / "node"
+    with run_node(root, conformance=NODE_CONFORMANCE, unknown_peers=everything) as running:
+        yield running
+
+
+def test_our_node_answers_as_its_policy_says(node: RunningNode, tmp_path: Path) -> None:
+    """Probed with its own configuration (so the classes to probe are its policy's), plus one
+    class it does not accept: what it accepts as SCP is exactly its policy, roles included."""
+    out = tmp_path / "node.yaml"
+    result = node.cli("-q", "probe", node.address, "--output", str(out))
+    assert result.returncode == ExitCode.SUCCESS, result.stderr
+    peer = parse_peer_conformance(yaml.safe_load(out.read_text(encoding="utf-8")))
+    policy = parse_policy(NODE_CONFORMANCE)
+    profile = policy.profile(node.ae_title, frozenset(Service))
+    assert dict(peer.accept) == dict(profile.classes)
+    assert peer.accept[CT] == AcceptedClass(CT, (J2K_LOSSLESS, JPEGLS_LOSSLESS, EVRLE), True, True)
+    assert peer.accept[MR] == AcceptedClass(MR, (EVRLE, IVRLE, EVRBE), True, False)
+    assert peer.device.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+    assert result.stderr == ""  # -q: nothing but errors
+
+
+def test_our_node_rejects_what_its_policy_does_not_list(node: RunningNode, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "scu.yaml")
+    conformance = tmp_path / "theirs.yaml"
+    conformance.write_text(
+        yaml.safe_dump({"accept": [{"sop_classes": ["UltrasoundImageStorage", "CTImageStorage"],
+                                    "transfer_syntaxes": ["all"]}]}),
+        encoding="utf-8",
+    )  # fmt: skip
+    peer, _, result = probe_cli(
+        config, node.address, tmp_path / "node.yaml", "--sop-classes-from", conformance
+    )
+    assert US not in peer.accept
+    assert peer.accept[CT].transfer_syntaxes == (J2K_LOSSLESS, JPEGLS_LOSSLESS, EVRLE)
+    assert "1 of 2 SOP classes accepted" in result.stderr

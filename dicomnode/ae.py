@@ -802,6 +802,7 @@ _RESTART_KEYS = (
     "workers",
     "storage_dir",
     "database",
+    "database_busy_timeout",
     "log_level",
     "audit",
 )

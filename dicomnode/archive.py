@@ -88,7 +88,7 @@ class Archive:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.storage = Storage(config.storage_dir)
-        self.index = Index(config.database)
+        self.index = Index(config.database, config.database_busy_timeout)
         self.worklist = Worklist(config, self.index)
         self.steps = PerformedSteps(self.index)
         # The audit trail of everything done through this archive (and by the node's handlers,

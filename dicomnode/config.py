@@ -243,6 +243,10 @@ class Config:
     workers: int | Literal["auto"] = "auto"
     storage_dir: Path = Path("var/storage")
     database: Path = Path("var/index.sqlite")
+    # How long a write to the index waits for the lock another process holds (a backup, an
+    # sqlite3 shell) before the store fails with A701, out of resources (never success without
+    # its row).
+    database_busy_timeout: float = 10.0
     # The conformance YAML that drives presentation-context negotiation; None: the built-in default
     # (every standard storage SOP class and Verification, in every transfer syntax we can store).
     conformance: Path | None = None
@@ -564,6 +568,9 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> Config:
         ),
         storage_dir=top.get("storage_dir", base_dir / d.storage_dir, path, "a folder path"),
         database=top.get("database", base_dir / d.database, path, "a file path"),
+        database_busy_timeout=top.get(
+            "database_busy_timeout", d.database_busy_timeout, _positive_seconds, _SECONDS
+        ),
         conformance=top.get("conformance", d.conformance, path, "a file path"),
         log_level=top.get(
             "log_level",

@@ -444,8 +444,8 @@ UNKNOWN_KEYS = [
     (
         "colour: blue\n",
         "colour",
-        "ae_title, host, port, workers, storage_dir, database, conformance, log_level, peers, "
-        "unknown_peers, require_called_ae_title, limits, store",
+        "ae_title, host, port, workers, storage_dir, database, database_busy_timeout, "
+        "conformance, log_level, peers, unknown_peers, require_called_ae_title, limits, store",
     ),
     ("stroage_dir: x\n", "stroage_dir", "ae_title, host, port, workers, storage_dir"),
     ("source: x.yaml\n", "source", "limits, store"),

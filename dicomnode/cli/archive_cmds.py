@@ -43,7 +43,7 @@ def list_cmd(state: CliState, instances: bool, study_uid: str | None, as_json: b
     if not config.database.exists():
         click.echo(f"no index at {config.database}: nothing has been stored yet", err=True)
         return
-    index = Index(config.database)
+    index = Index(config.database, config.database_busy_timeout)
     try:
         index.open()
         rows: list[dict[str, Any]] = (

@@ -68,7 +68,7 @@ def _worklist(state: CliState) -> Iterator[Worklist]:
     expired, closed afterwards. Index failures end the command with exit status 2."""
     config = state.config
     setup_logging(state.verbosity)
-    index = Index(config.database)
+    index = Index(config.database, config.database_busy_timeout)
     try:
         index.open()
         worklist = Worklist(config, index)
@@ -464,7 +464,7 @@ def mpps_group() -> None:
 def _steps(state: CliState) -> Iterator[tuple[PerformedSteps, Config]]:
     config = state.config
     setup_logging(state.verbosity)
-    index = Index(config.database)
+    index = Index(config.database, config.database_busy_timeout)
     try:
         index.open()
         yield PerformedSteps(index), config

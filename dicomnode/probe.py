@@ -302,8 +302,9 @@ def probe(
             count = result.associations
             stage()
             result.stage_seconds[name] = time.monotonic() - begun
+            opened = result.associations - count
             message = (
-                f"{name}: {result.associations - count} associations in "
+                f"{name}: {opened} association{'' if opened == 1 else 's'} in "
                 f"{result.stage_seconds[name]:.2f} s"
             )
             log.info("probe %s %s", peer.address, message)
@@ -556,8 +557,9 @@ def _names(names: Iterable[str], limit: int = 8) -> str:
 def summary(result: ProbeResult) -> list[str]:
     """A short account for a person (stderr)."""
     peer = result.peer
+    who = peer.address if peer.name == peer.address else f"{peer.name} ({peer.address})"
     lines = [
-        f"probed {peer.name} ({peer.address}) in {result.elapsed:.2f} s: "
+        f"probed {who} in {result.elapsed:.2f} s: "
         f"{result.associations} associations, {result.contexts} presentation contexts"
     ]
     if result.implementation_class_uid or result.max_pdu_size is not None:

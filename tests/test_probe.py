@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -142,12 +143,17 @@ PresentationContexts = Restricted
 
 
 @pytest.fixture(scope="module")
-def restricted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
-    root = tmp_path_factory.mktemp("restricted")
-    profile = root / "restricted.cfg"
+def restricted_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the restricted storescp writes what it receives (nothing, ever)."""
+    return tmp_path_factory.mktemp("restricted") / "out"
+
+
+@pytest.fixture(scope="module")
+def restricted(restricted_out: Path) -> Iterator[Endpoint]:
+    profile = restricted_out.parent / "restricted.cfg"
     profile.write_text(RESTRICTED_PROFILE, encoding="ascii")
     with storescp(
-        root / "out", aet="RESTRICTED", options=("-xf", str(profile), "Restricted")
+        restricted_out, aet="RESTRICTED", options=("-xf", str(profile), "Restricted")
     ) as endpoint:
         yield endpoint
 
@@ -158,7 +164,9 @@ def accept_all(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
         yield endpoint
 
 
-def test_restricted_storescp_full_default_probe(restricted: Endpoint, tmp_path: Path) -> None:
+def test_restricted_storescp_full_default_probe(
+    restricted: Endpoint, restricted_out: Path, tmp_path: Path
+) -> None:
     """The default probe (every storage class x every transfer syntax) finds exactly the
     profile: Verification, CT and SC with JPEG 2000 lossless preferred, MR with explicit VR
     little endian preferred; nothing else; screening keeps it to a few associations."""
@@ -194,6 +202,8 @@ def test_restricted_storescp_full_default_probe(restricted: Endpoint, tmp_path: 
     assert associations(text) <= 5
     assert "C-ECHO answered 0x0000 Success" in result.stderr
     assert "3 of 170 SOP classes accepted" in result.stderr
+    # Nothing but negotiation and one C-ECHO: storescp received no data set.
+    assert not any(restricted_out.iterdir())
 
 
 def test_exhaustive_sweep_agrees_with_screening(accept_all: Endpoint) -> None:
@@ -205,9 +215,7 @@ def test_exhaustive_sweep_agrees_with_screening(accept_all: Endpoint) -> None:
         sop_classes=(CT, MR, enhanced_rt), transfer_syntaxes=candidates, services=False
     )
     screened = probe.probe(api_config(), as_peer(accept_all), base)
-    exhaustive = probe.probe(
-        api_config(), as_peer(accept_all), probe.ProbeOptions(**{**vars(base), "screen": False})
-    )
+    exhaustive = probe.probe(api_config(), as_peer(accept_all), replace(base, screen=False))
     assert screened.failure is None and exhaustive.failure is None
     found = {u: set(r.accepted) for u, r in screened.accepted().items()}
     assert found == {u: set(r.accepted) for u, r in exhaustive.accepted().items()}
@@ -439,6 +447,7 @@ def test_our_node_answers_as_its_policy_says(node: RunningNode, tmp_path: Path) 
     assert peer.accept[MR] == AcceptedClass(MR, (EVRLE, IVRLE, EVRBE), True, False)
     assert peer.device.implementation_class_uid == IMPLEMENTATION_CLASS_UID
     assert result.stderr == ""  # -q: nothing but errors
+    assert node.stored_files() == []  # no data set was sent
 
 
 def test_our_node_rejects_what_its_policy_does_not_list(node: RunningNode, tmp_path: Path) -> None:

@@ -111,6 +111,13 @@ class ProbeOptions:
     # How many syntaxes of each class to place in its order of preference (None: all).
     preference_depth: int | None = None
     roles: bool = True
+    # Presentation contexts per association: at most 128 (PS3.8 9.3.2.2), at least 2 (the
+    # first preference question and the role question take two); some devices take fewer.
+    batch: int = scu.MAX_CONTEXTS_PER_ASSOCIATION
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.batch <= scu.MAX_CONTEXTS_PER_ASSOCIATION:
+            raise ValueError(f"batch must be 2-{scu.MAX_CONTEXTS_PER_ASSOCIATION}: {self.batch}")
 
 
 @dataclass
@@ -229,7 +236,7 @@ class _Prober:
     ) -> list[_Answer]:
         """``offers`` in as many associations of at most 128 contexts as they need."""
         answers: list[_Answer] = []
-        size = scu.MAX_CONTEXTS_PER_ASSOCIATION
+        size = self.result.options.batch
         for start in range(0, len(offers), size):
             batch, _ = self.associate(offers[start : start + size], during=during)
             answers += batch
@@ -395,7 +402,7 @@ def _preference(prober: _Prober, result: ProbeResult, options: ProbeOptions) -> 
             result.classes[uid].order = Order.UNPROBED
         return
     queue: dict[str, list[_Offer]] = {uid: job.first_question() for uid, job in search.items()}
-    size = scu.MAX_CONTEXTS_PER_ASSOCIATION
+    size = options.batch
     while queue:
         batch: list[_Offer] = []
         for uid in list(queue):
@@ -466,7 +473,7 @@ def _roles(prober: _Prober, result: ProbeResult, options: ProbeOptions) -> None:
         return
     model = _Offer(get_model, result.classes[get_model].accepted)
     storage = [e for uid, e in result.classes.items() if e.accepted and uid not in SERVICE_CLASSES]
-    size = scu.MAX_CONTEXTS_PER_ASSOCIATION - 1
+    size = options.batch - 1  # beside the C-GET model
     for start in range(0, len(storage), size):
         batch = storage[start : start + size]
         offers = [model] + [_Offer(e.sop_class, e.accepted) for e in batch]

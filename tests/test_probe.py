@@ -36,6 +36,7 @@ from dicomnode.status import ExitCode
 from tests.support.dcmtk import Endpoint, dcmqrscp, free_port, require_dcmtk, storescp
 from tests.support.node import RunningNode, run_node
 from tests.support.orthanc import OrthancEndpoint, orthanc, require_orthanc
+from tests.support.tls import make_pki, require_dcmtk_tls
 
 PROBER_AET = "DNPROBER"
 
@@ -142,6 +143,15 @@ PresentationContexts = Restricted
 """
 
 
+# What that profile accepts, in its order of preference.
+RESTRICTED_ACCEPTS = {
+    VERIFICATION: (EVRLE, IVRLE),
+    CT: (J2K_LOSSLESS, EVRLE),
+    SC: (J2K_LOSSLESS, EVRLE),
+    MR: (EVRLE, J2K_LOSSLESS),
+}
+
+
 @pytest.fixture(scope="module")
 def restricted_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the restricted storescp writes what it receives (nothing, ever)."""
@@ -174,12 +184,7 @@ def test_restricted_storescp_full_default_probe(
     out = tmp_path / "restricted.yaml"
     peer, text, result = probe_cli(config, restricted.address, out)
 
-    assert syntaxes(peer) == {
-        VERIFICATION: (EVRLE, IVRLE),
-        CT: (J2K_LOSSLESS, EVRLE),
-        SC: (J2K_LOSSLESS, EVRLE),
-        MR: (EVRLE, J2K_LOSSLESS),
-    }
+    assert syntaxes(peer) == RESTRICTED_ACCEPTS
     # No Q/R model accepted: no C-GET, so no role selection was asked or written.
     assert all(a.scu_role is None and a.scp_role is None for a in peer.accept.values())
     assert "roles:" not in text
@@ -204,6 +209,15 @@ def test_restricted_storescp_full_default_probe(
     assert "3 of 170 SOP classes accepted" in result.stderr
     # Nothing but negotiation and one C-ECHO: storescp received no data set.
     assert not any(restricted_out.iterdir())
+
+
+def test_smaller_batches_find_the_same(restricted: Endpoint) -> None:
+    """--batch 16: for devices that take fewer contexts; the same answers in more associations."""
+    result = probe.probe(api_config(), as_peer(restricted), probe.ProbeOptions(batch=16))
+    assert result.failure is None
+    assert {u: r.accepted for u, r in result.accepted().items()} == RESTRICTED_ACCEPTS
+    screened = len(SOP_CLASS_GROUPS["storage"]) + len(probe.SERVICE_CLASSES)
+    assert result.associations >= screened // 16
 
 
 def test_exhaustive_sweep_agrees_with_screening(accept_all: Endpoint) -> None:
@@ -464,3 +478,46 @@ def test_our_node_rejects_what_its_policy_does_not_list(node: RunningNode, tmp_p
     assert US not in peer.accept
     assert peer.accept[CT].transfer_syntaxes == (J2K_LOSSLESS, JPEGLS_LOSSLESS, EVRLE)
     assert "1 of 2 SOP classes accepted" in result.stderr
+
+
+# --- over DICOM TLS ------------------------------------------------------------------------
+
+
+def test_probe_over_tls(tmp_path: Path) -> None:
+    """--tls: every association of the probe is made over TLS (PS3.15 B.9) with our tls.*
+    files, as echo and send make theirs."""
+    require_dcmtk_tls("storescp")
+    pki = make_pki(tmp_path / "pki")
+    options = ("+xa", *pki.peer_server.dcmtk(), "+cf", str(pki.ca))
+    with storescp(tmp_path / "out", aet="TLSSCP", options=options) as peer:
+        tls = {
+            "certificate": str(pki.server.certificate),
+            "private_key": str(pki.server.key),
+            "ca_certificates": str(pki.ca),
+        }
+        config = write_config(tmp_path / "scu.yaml", tls=tls)
+        conformance, text, _ = probe_cli(
+            config,
+            peer.address,
+            tmp_path / "tls.yaml",
+            "--tls",
+            "--sop-class",
+            "CTImageStorage",
+            "--transfer-syntax",
+            "uncompressed",
+        )
+        plain = run_cli(
+            config,
+            "probe",
+            peer.address,
+            "--output",
+            tmp_path / "plain.yaml",
+            "--sop-class",
+            "CTImageStorage",
+        )
+    assert set(conformance.accept[CT].transfer_syntaxes) == {EVRLE, IVRLE, EVRBE}
+    assert VERIFICATION in conformance.accept
+    assert associations(text) >= 3
+    # Without --tls the same port answers no A-ASSOCIATE-AC: unreachable, nothing written.
+    assert plain.returncode == ExitCode.UNREACHABLE, plain.stderr
+    assert not (tmp_path / "plain.yaml").exists()

@@ -107,6 +107,15 @@ def _classes_from(path: Path) -> tuple[str, ...]:
     "only (0: not at all; default: all of them).",
 )
 @click.option("--no-roles", is_flag=True, help="Do not probe SCP/SCU role selection for C-GET.")
+@click.option(
+    "--batch",
+    type=click.IntRange(2, 128),
+    default=128,
+    show_default=True,
+    metavar="N",
+    help="At most N presentation contexts per association (128 is the limit of PS3.8 9.3.2.2; "
+    "some devices accept fewer).",
+)
 @pass_state
 def probe_cmd(
     state: CliState,
@@ -118,6 +127,7 @@ def probe_cmd(
     exhaustive: bool,
     preference_depth: int | None,
     no_roles: bool,
+    batch: int,
 ) -> None:
     """Discover what PEER accepts, over real associations, and write it as a peer conformance
     YAML (the form `dicomnode conformance check` reads).
@@ -153,6 +163,7 @@ def probe_cmd(
         screen=not exhaustive,
         preference_depth=preference_depth,
         roles=not no_roles,
+        batch=batch,
     )
     quiet = state.verbosity < 0
     result = probe.probe(

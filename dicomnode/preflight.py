@@ -18,31 +18,48 @@ what only a peer needs to say (``config/peers/*.yaml`` are commented examples):
     what it proposes as SCU when it calls us: rules of sop_classes, transfer_syntaxes (offered,
     in its order) and optionally role (scu, scp or both: the role selection it proposes).
 
-This module is pure: no sockets, no pynetdicom objects, no files but the one it is asked to read.
+The check (:func:`check`) simulates association negotiation between our policy and a peer's
+conformance in both directions, and :func:`render_text` / :func:`report_data` report it. Both
+are pure: no sockets, no files but the ones asked for; the contexts our SCU would propose are
+taken from ``dicomnode.scu`` and ``dicomnode.retrieve`` so the simulation cannot drift from them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+import textwrap
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydicom._uid_dict import UID_dictionary
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pynetdicom.presentation import build_context
 
-from dicomnode.config import read_yaml, valid_ae_title
+from dicomnode import retrieve, scu, transcode
+from dicomnode.config import Service, read_yaml, valid_ae_title
+from dicomnode.index.query import StoredInstance
 from dicomnode.policy import (
     SOP_CLASS_GROUPS,
     TRANSFER_SYNTAX_GROUPS,
     AcceptedClass,
     ConformanceError,
+    Decision,
+    PeerOverride,
+    Policy,
+    Profile,
     _accept_list,
     _apply_roles,
     _check_keys,
     _resolve,
     is_valid_uid,
+    service_of,
 )
+from dicomnode.qr import MODALITY_WORKLIST_FIND, SOP_CLASSES, Model, Operation
+from dicomnode.status import ExitCode
 
 # --- the schema --------------------------------------------------------------------------------
 
@@ -377,3 +394,1154 @@ def dump_peer_conformance(peer: PeerConformance) -> str:
         width=100,
     )
     return header + body
+
+
+# --- the check: negotiation simulated in both directions ----------------------------------------
+#
+# A simulation of what the two sides would do, from their YAML alone, with the decisions the live
+# code makes: our acceptor decisions are ``policy.Profile.decide``; a peer's are the same rule over
+# its accept list (PS3.8 9.3.3.2: the acceptor picks one of the offered transfer syntaxes, here its
+# first preferred one, as pynetdicom and our node do); role selection is PS3.7 D.3.3.4 as
+# pynetdicom negotiates it; the contexts our SCU proposes come from ``dicomnode.scu`` and
+# ``dicomnode.retrieve`` themselves, the conversions we can make from ``dicomnode.transcode``.
+
+
+class Severity(IntEnum):
+    """How bad a finding is, in increasing order."""
+
+    OK = 0
+    # Works, with a caveat worth knowing (a fallback context, a decompressed copy).
+    NOTE = 1
+    # One side handles a SOP class or service the other does not offer at all: nothing to
+    # negotiate, but whatever relies on it fails (counted as a mismatch with ``strict``).
+    GAP = 2
+    # Both sides mean to use it and cannot agree (transfer syntax, role, refused proposal).
+    MISMATCH = 3
+
+
+FIX_BY = ("ours", "config", "peer", "peer or ours", "dicomnode")
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change to OUR conformance YAML: a rule to append at ``where`` for the finding's classes.
+
+    ``where``: ``accept``, ``roles``, ``peers.AE.accept`` or ``peers.AE.transfer_syntaxes``.
+    """
+
+    where: str
+    transfer_syntaxes: tuple[str, ...] = ()
+    scu: bool = True
+    scp: bool = True
+
+    def yaml(self, sop_classes: Iterable[str]) -> str:
+        """The snippet, as it would sit in the file."""
+        classes = ", ".join(_class_names(sop_classes))
+        tss = ", ".join(_syntax_names(self.transfer_syntaxes))
+        parts = self.where.split(".")
+        indent = ""
+        lines: list[str] = []
+        if parts[0] == "peers":
+            lines += ["peers:", f"  {parts[1]}:"]
+            indent = "    "
+            if parts[2] == "transfer_syntaxes":
+                return "\n".join([*lines, f"{indent}transfer_syntaxes: [{tss}]"])
+        key = parts[-1]
+        lines.append(f"{indent}{key}:")
+        lines.append(f"{indent}  - sop_classes: [{classes}]")
+        if key == "roles":
+            lines += [
+                f"{indent}    scu: {str(self.scu).lower()}",
+                f"{indent}    scp: {str(self.scp).lower()}",
+            ]
+        else:
+            lines.append(f"{indent}    transfer_syntaxes: [{tss}]")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One outcome for one or more SOP classes: what happens, what it means, what to change.
+
+    The texts say "{classes}" where the SOP class names go, so that one finding can stand for
+    many classes with the same outcome (:meth:`text` fills them in).
+    """
+
+    severity: Severity
+    sop_classes: tuple[str, ...]
+    summary: str  # what negotiation does, in plain words (syntax, roles, or why it fails)
+    transfer_syntax: str | None = None  # the accepted transfer syntax, when there is one
+    roles: str = ""  # who is SCU and who SCP on the accepted context
+    consequence: str = ""
+    # Who can fix it (one of FIX_BY: "ours" = our conformance YAML, "config" = our
+    # dicomnode.yaml, "peer" = only the peer, "dicomnode" = only our code), in words, and the
+    # change to our conformance YAML, if there is one.
+    fix_by: str = ""
+    suggestion: str = ""
+    change: Change | None = None
+
+    def text(self, value: str) -> str:
+        names = (
+            _names(self.sop_classes)
+            if len(self.sop_classes) <= 6
+            else (f"{_names(self.sop_classes[:5])} and {len(self.sop_classes) - 5} more")
+        )
+        return value.replace("{classes}", names)
+
+    @property
+    def yaml_change(self) -> str:
+        return self.change.yaml(self.sop_classes) if self.change else ""
+
+
+def merge(findings: Iterable[Finding]) -> tuple[Finding, ...]:
+    """Findings that differ only in their SOP classes as one, in the order first seen."""
+    merged: dict[tuple[Any, ...], Finding] = {}
+    for f in findings:
+        key = (
+            f.severity,
+            f.summary,
+            f.transfer_syntax,
+            f.roles,
+            f.consequence,
+            f.fix_by,
+            f.suggestion,
+            f.change,
+        )
+        if key in merged:
+            old = merged[key]
+            merged[key] = replace(old, sop_classes=old.sop_classes + f.sop_classes)
+        else:
+            merged[key] = f
+    return tuple(merged.values())
+
+
+@dataclass(frozen=True)
+class Section:
+    """One exchange between the two nodes, e.g. "CT_SCANNER -> us: what it proposes"."""
+
+    key: str
+    title: str
+    intro: str
+    findings: tuple[Finding, ...]
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """The result of :func:`check`."""
+
+    ours: str
+    theirs: str
+    peer: PeerConformance
+    calling_ae_title: str
+    profile_source: str
+    services: frozenset[Service]
+    services_source: str
+    sections: tuple[Section, ...]
+
+    def count(self, severity: Severity) -> int:
+        return sum(1 for s in self.sections for f in s.findings if f.severity is severity)
+
+    def failed(self, strict: bool = False) -> bool:
+        """Whether there is a mismatch (or, with ``strict``, a gap)."""
+        worst = Severity.GAP if strict else Severity.MISMATCH
+        return any(f.severity >= worst for s in self.sections for f in s.findings)
+
+
+# Requestor role proposals as (SCU, SCP) flags of the SCP/SCU Role Selection item (PS3.7 D.3.3.4).
+_PROPOSED_ROLES: Mapping[str | None, tuple[bool, bool] | None] = {
+    None: None,
+    "scu": (True, False),
+    "scp": (False, True),
+    "both": (True, True),
+}
+
+
+def negotiate_roles(
+    proposed: tuple[bool, bool] | None, accepted: AcceptedClass
+) -> tuple[bool, bool] | None:
+    """The roles the requestor ends up with, as (is SCU, is SCP), or None: context rejected.
+
+    PS3.7 D.3.3.4: without a role selection item the requestor is SCU and the acceptor SCP; an
+    acceptor can only agree to a role that was proposed, so each role is the requestor's proposal
+    AND the acceptor's answer, and neither left rejects the context. An acceptor that sends no
+    reply (``scu_role``/``scp_role`` None) leaves the default roles. This is the table pynetdicom
+    negotiates with (a test compares the two).
+    """
+    if proposed is None or accepted.scu_role is None or accepted.scp_role is None:
+        return (True, False)
+    scu_role = proposed[0] and accepted.scu_role
+    scp_role = proposed[1] and accepted.scp_role
+    if not (scu_role or scp_role):
+        return None
+    return (scu_role, scp_role)
+
+
+def _roles_text(roles: tuple[bool, bool], requestor: str, acceptor: str) -> str:
+    if roles == (True, False):
+        return f"{requestor} SCU, {acceptor} SCP"
+    if roles == (False, True):
+        return f"{requestor} SCP, {acceptor} SCU (role selection)"
+    return f"{requestor} and {acceptor} both SCU and SCP (role selection)"
+
+
+def _names(uids: Iterable[str]) -> str:
+    return ", ".join(name_of(uid) for uid in uids) or "none"
+
+
+def can_decompress(transfer_syntax: str) -> bool:
+    """Whether ``dicomnode.transcode`` can decompress pixel data in ``transfer_syntax`` here
+    (pydicom has a decoder for it and one of its plugins is installed)."""
+    transcode._register_gdcm12()  # the 12-bit JPEG plugin transcode adds on first use
+    try:
+        decoder = get_decoder(UID(transfer_syntax))
+    except NotImplementedError:
+        return False
+    return bool(decoder.is_available)
+
+
+@dataclass(frozen=True)
+class _Ours:
+    """Our side: the policy and the profile the peer's calling AE title gets."""
+
+    policy: Policy
+    profile: Profile
+    ae_title: str
+
+    @property
+    def override(self) -> PeerOverride | None:
+        return self.policy.peers.get(self.ae_title)
+
+
+def _refusal(uid: str, label: str) -> str:
+    """What a refused proposal of ``uid`` from the peer means, in plain words."""
+    service = service_of(uid)
+    if service is Service.STORE:
+        return (
+            f"{{classes}} instances from {label} will be rejected: there is no presentation "
+            "context for them, so it fails (or skips) those C-STOREs"
+        )
+    if service is Service.ECHO:
+        return f"C-ECHO from {label} fails: it cannot verify its connection to us"
+    if service is Service.WORKLIST:
+        return f"{label} cannot fetch its worklist from us: patient and order data typed by hand"
+    if service is Service.MPPS:
+        return f"{label} cannot report procedure step progress (MPPS) to us"
+    if service is Service.FIND:
+        return f"{label}'s queries in this information model fail"
+    if service in (Service.MOVE, Service.GET):
+        return f"{label}'s retrievals in this information model fail"
+    return f"{label} cannot use {{classes}} with us"
+
+
+def _accept_change(ours: _Ours, uid: str, add: tuple[str, ...]) -> tuple[str, Change]:
+    """Words and the change that make our profile for the peer accept ``uid`` in ``add``."""
+    base = ours.policy.accept.get(uid)
+    override = ours.override
+    aet = ours.ae_title
+    later = "(a later rule for the same SOP class replaces the earlier one)"
+    if override is not None and override.accept is not None:
+        listed = override.accept.get(uid)
+        syntaxes = tuple(dict.fromkeys((*(listed.transfer_syntaxes if listed else ()), *add)))
+        words = f"add {_names(add)} for {{classes}} to the override for {aet}: append to "
+        return words + f"peers.{aet}.accept {later}", Change(f"peers.{aet}.accept", syntaxes)
+    if override is not None and override.transfer_syntaxes is not None:
+        missing = tuple(ts for ts in add if ts not in override.transfer_syntaxes)
+        if missing and base is not None and all(ts in base.transfer_syntaxes for ts in add):
+            syntaxes = (*override.transfer_syntaxes, *missing)
+            words = (
+                f"the override for {aet} narrows every SOP class to its transfer_syntaxes: "
+                f"add {_names(missing)} to peers.{aet}.transfer_syntaxes"
+            )
+            return words, Change(f"peers.{aet}.transfer_syntaxes", syntaxes)
+    syntaxes = tuple(dict.fromkeys((*(base.transfer_syntaxes if base else ()), *add)))
+    if base is None:
+        return "accept {classes}: append this rule to accept:", Change("accept", syntaxes)
+    words = (
+        f"add {_names(add)} to the transfer_syntaxes of the rule for {{classes}} in accept: "
+        f"append this rule {later}"
+    )
+    return words, Change("accept", syntaxes)
+
+
+def _them_to_us(
+    ours: _Ours, label: str, proposals: Iterable[Proposal], assumed: bool = False
+) -> list[Finding]:
+    """The peer as requestor: each proposed context against our profile, one finding per class."""
+    by_class: dict[str, list[tuple[Proposal, Decision, tuple[bool, bool] | None]]] = {}
+    for i, proposal in enumerate(proposals):
+        decision = ours.profile.decide(2 * i + 1, proposal.sop_class, proposal.transfer_syntaxes)
+        roles: tuple[bool, bool] | None = None
+        accepted = ours.profile.classes.get(proposal.sop_class)
+        if decision.accepted and accepted is not None:
+            roles = negotiate_roles(_PROPOSED_ROLES[proposal.role], accepted)
+        by_class.setdefault(proposal.sop_class, []).append((proposal, decision, roles))
+    return [_class_outcome(ours, label, uid, cxs, assumed) for uid, cxs in by_class.items()]
+
+
+def _class_outcome(
+    ours: _Ours,
+    label: str,
+    uid: str,
+    contexts: list[tuple[Proposal, Decision, tuple[bool, bool] | None]],
+    assumed: bool,
+) -> Finding:
+    """One SOP class the peer proposes (maybe in several contexts): accepted how, or why not."""
+    wants_scp = any(p.role == "scp" for p, _, _ in contexts)
+
+    def usable(p: Proposal, d: Decision, r: tuple[bool, bool] | None) -> bool:
+        # A C-GET requestor's storage context is only of use when it is SCP on it; any other
+        # context when it is SCU (PS3.7 D.3.3.4).
+        return d.accepted and r is not None and (r[1] if p.role == "scp" else r[0])
+
+    good = [(p, d, r) for p, d, r in contexts if usable(p, d, r)]
+    offered = tuple(dict.fromkeys(ts for p, _, _ in contexts for ts in p.transfer_syntaxes))
+    accepted_class = ours.profile.classes.get(uid)
+    if good:
+        _, decision, roles = good[0]
+        ts = decision.transfer_syntax or ""
+        roles_text = _roles_text(roles or (True, False), label, "we")
+        summary = f"accepted in {name_of(ts)}"
+        if len(contexts) > 1:
+            summary += f" ({len(good)} of its {len(contexts)} contexts for it accepted)"
+        good_syntaxes = {t for p, _, _ in good for t in p.transfer_syntaxes}
+        refused = tuple(
+            dict.fromkeys(
+                t
+                for p, d, _ in contexts
+                if not d.accepted
+                for t in p.transfer_syntaxes
+                if t not in good_syntaxes
+            )
+        )
+        if not refused:
+            return Finding(Severity.OK, (uid,), summary, ts, roles_text)
+        words, change = _accept_change(ours, uid, refused)
+        return Finding(
+            Severity.NOTE,
+            (uid,),
+            f"{summary}; its context offering only {_names(refused)} is rejected",
+            ts,
+            roles_text,
+            consequence=f"{label} has to send {{classes}} in {name_of(ts)} instead (decompressing "
+            "if it holds them compressed, if it can)",
+            fix_by="ours",
+            suggestion=f"optional, to receive them as offered: {words}",
+            change=change,
+        )
+    consequence = _refusal(uid, label)
+    role_blocked = [(p, d, r) for p, d, r in contexts if d.accepted]
+    if role_blocked and accepted_class is not None:
+        wanted = "SCP" if wants_scp else "SCU"
+        if accepted_class.scu_role is None:
+            answer = "we have no roles rule for it (no reply: default roles, it SCU, we SCP)"
+        else:
+            answer = (
+                f"our roles rule answers scu: {str(accepted_class.scu_role).lower()}, "
+                f"scp: {str(accepted_class.scp_role).lower()}"
+            )
+        if wants_scp:
+            consequence = (
+                f"{label}'s C-GET cannot bring back {{classes}} instances: it asks to act as "
+                "Storage SCP on its association (PS3.7 D.3.3.4) and we do not agree, so those "
+                "C-GET sub-operations fail"
+            )
+        return Finding(
+            Severity.MISMATCH,
+            (uid,),
+            f"the transfer syntax would do, but it proposes to act as {wanted} and {answer}",
+            consequence=consequence,
+            fix_by="ours",
+            suggestion=f"agree to the {wanted} role for {{classes}}: append this rule to roles: "
+            "(a later rule for the same SOP class replaces the earlier one)",
+            change=Change("roles", scu=True, scp=True),
+        )
+    reason = contexts[0][1].reason
+    severity = Severity.GAP if assumed and accepted_class is None else Severity.MISMATCH
+    if accepted_class is None:
+        service = service_of(uid)
+        if service is not None and "may not use" in reason:
+            return Finding(
+                severity,
+                (uid,),
+                f"rejected: {reason}",
+                consequence=consequence,
+                fix_by="config",
+                suggestion=f"not a conformance YAML change: allow the '{service.value}' service "
+                "for this AE title in dicomnode.yaml (peers.NAME.services, or unknown_peers)",
+            )
+        words, change = _accept_change(ours, uid, offered)
+        return Finding(
+            severity,
+            (uid,),
+            f"rejected: {reason}",
+            consequence=consequence,
+            fix_by="ours",
+            suggestion=words,
+            change=change,
+        )
+    words, change = _accept_change(ours, uid, offered[:1])
+    return Finding(
+        severity,
+        (uid,),
+        f"rejected: {label} offers {_names(offered)}; we accept "
+        f"{_names(accepted_class.transfer_syntaxes)}",
+        consequence=consequence,
+        fix_by="ours",
+        suggestion=words,
+        change=change,
+    )
+
+
+# --- us sending stored instances -----------------------------------------------------------------
+
+
+def _held(policy: Policy) -> dict[str, tuple[str, ...]]:
+    """What we may hold: every storage SOP class any caller may send us, in every syntax it may
+    arrive in (instances are stored as received), from the policy and its overrides."""
+    held: dict[str, dict[str, None]] = {}
+    accepts = [policy.accept] + [o.accept for o in policy.peers.values() if o.accept is not None]
+    for accept in accepts:
+        for uid, accepted in accept.items():
+            if service_of(uid) is Service.STORE:
+                held.setdefault(uid, {}).update(dict.fromkeys(accepted.transfer_syntaxes))
+    return {uid: tuple(tss) for uid, tss in held.items()}
+
+
+def _move_contexts(sop_class: str, stored: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The presentation contexts our C-MOVE SCP proposes to a destination for an instance of
+    ``sop_class`` stored in ``stored``: ``dicomnode.retrieve``'s own batching."""
+    item = StoredInstance(
+        path="", sop_class_uid=sop_class, sop_instance_uid="", transfer_syntax=stored
+    )
+    return [
+        (str(cx.abstract_syntax), tuple(str(ts) for ts in cx.transfer_syntax))
+        for _, contexts in retrieve._batches([item])
+        for cx in contexts
+    ]
+
+
+def _deliver(stored: str, accepted: Iterable[str]) -> tuple[str | None, str]:
+    """The syntax a stored instance goes out in over contexts accepted in ``accepted`` and "" or
+    how it is converted; or None and why it cannot go. ``transcode.choose_syntax`` decides, and
+    a decompression needs a decoder installed here."""
+    target = transcode.choose_syntax(stored, tuple(accepted))
+    if target is None:
+        return None, "no lossless conversion fits (nothing is ever recompressed)"
+    if target == stored:
+        return target, ""
+    if stored in transcode.UNCOMPRESSED or stored == str(DeflatedExplicitVRLittleEndian):
+        return target, "re-encoded"
+    if target in transcode.RELABEL_LOSSLESS.get(stored, ()):
+        return target, "relabelled (the same bit stream)"
+    if not can_decompress(stored):
+        return (
+            None,
+            f"it would have to be decompressed and no decoder for {name_of(stored)} is installed",
+        )
+    return target, "decompressed"
+
+
+def _delivery_finding(
+    uid: str,
+    held: tuple[str, ...],
+    accepted_for: Callable[[str], tuple[str, ...]],
+    their_list: tuple[str, ...],
+    label: str,
+    get: bool,
+    policy: Policy,
+) -> Finding:
+    """How the instances of ``uid`` we may hold (in ``held``) reach the peer, whose accepted
+    syntaxes for an instance stored in a given syntax ``accepted_for`` gives; ``get``: on its
+    C-GET association, else as C-MOVE sub-operations to it."""
+    as_stored: list[str] = []
+    converted: list[tuple[str, str, str]] = []
+    failing: list[tuple[str, str]] = []
+    for ts in held:
+        target, how = _deliver(ts, accepted_for(ts))
+        if target is None:
+            failing.append((ts, how))
+        elif target == ts:
+            as_stored.append(ts)
+        else:
+            converted.append((ts, target, how))
+    theirs = ", ".join(_syntax_names(their_list)) or "nothing"
+    if failing:
+        bad = tuple(ts for ts, _ in failing)
+        whys = "; ".join(dict.fromkeys(why for _, why in failing))
+        what = (
+            f"{label}'s C-GET sub-operations for them fail"
+            if get
+            else f"C-MOVE sub-operations to {label} fail for them (and dicomnode send of such "
+            "files)"
+        )
+        base = policy.accept.get(uid)
+        keep = tuple(t for t in (base.transfer_syntaxes if base else ()) if t not in bad)
+        return Finding(
+            Severity.MISMATCH,
+            (uid,),
+            f"held as {', '.join(_syntax_names(bad))}: cannot be sent: {label} takes {{classes}} "
+            f"in {theirs}; {whys}",
+            consequence=f"{{classes}} instances we hold as {', '.join(_syntax_names(bad))} cannot "
+            f"be sent to {label}: {what}",
+            fix_by="peer or ours",
+            suggestion=f"only {label} can take them (add {', '.join(_syntax_names(bad))} for "
+            "{classes} to its accept list); or we stop accepting {classes} in those syntaxes "
+            "(senders must then send another one, if they can)"
+            + (": append this rule to accept:" if keep else ""),
+            change=Change("accept", keep) if keep else None,
+        )
+    if converted:
+        hows = "; ".join(
+            f"held as {name_of(ts)}: {how} to {name_of(target)}" for ts, target, how in converted
+        )
+        stored_part = (
+            f"sent as stored in {', '.join(_syntax_names(tuple(as_stored)))}; " if as_stored else ""
+        )
+        consequence = (
+            "the converted copies are larger and not byte-identical to what we hold"
+            if get
+            else "C-MOVE converts them, but dicomnode send sends files unchanged: sending such "
+            f"files to {label} with it fails"
+        )
+        return Finding(
+            Severity.NOTE,
+            (uid,),
+            f"{stored_part}{hows}",
+            consequence=consequence,
+            fix_by="peer",
+            suggestion=f"optional: {label} could accept {{classes}} in the syntaxes we hold",
+        )
+    return Finding(
+        Severity.OK,
+        (uid,),
+        f"sent as stored in every syntax we may hold it in ({len(held)})",
+        as_stored[0] if as_stored else None,
+    )
+
+
+def _storage_to_them(ours: _Ours, peer: PeerConformance, label: str) -> list[Finding]:
+    """C-MOVE sub-operations (and ``dicomnode send``) from us to the peer as Storage SCP."""
+    their = Profile(classes=peer.accept)
+    findings: list[Finding] = []
+    not_taken: list[str] = []
+    for uid, held in _held(ours.policy).items():
+        accepted_class = peer.accept.get(uid)
+        if accepted_class is None:
+            not_taken.append(uid)
+            continue
+
+        def accepted_for(stored: str, uid: str = uid) -> tuple[str, ...]:
+            contexts = _move_contexts(uid, stored)
+            return tuple(
+                d.transfer_syntax
+                for d in their.negotiate((2 * i + 1, s, t) for i, (s, t) in enumerate(contexts))
+                if d.transfer_syntax is not None
+            )
+
+        findings.append(
+            _delivery_finding(
+                uid,
+                held,
+                accepted_for,
+                accepted_class.transfer_syntaxes,
+                label,
+                False,
+                ours.policy,
+            )
+        )
+    if not_taken:
+        findings.append(
+            Finding(
+                Severity.GAP,
+                tuple(not_taken),
+                f"not accepted by {label} at all",
+                consequence=f"{{classes}} instances we hold cannot be sent to {label} (C-MOVE "
+                "sub-operations to it fail for them)",
+                fix_by="peer",
+                suggestion=f"only {label} can accept them; if it should never receive them, "
+                "nothing to do",
+            )
+        )
+    return findings
+
+
+def _echo_to_them(peer: PeerConformance, label: str) -> list[Finding]:
+    """``dicomnode echo``: the Verification context our SCU proposes (``dicomnode.scu``)."""
+    proposed = tuple(str(ts) for ts in build_context(scu.VERIFICATION_SOP_CLASS).transfer_syntax)
+    decision = Profile(classes=peer.accept).decide(1, str(scu.VERIFICATION_SOP_CLASS), proposed)
+    uid = str(scu.VERIFICATION_SOP_CLASS)
+    if decision.accepted:
+        return [
+            Finding(
+                Severity.OK,
+                (uid,),
+                f"accepted in {name_of(decision.transfer_syntax or '')}",
+                decision.transfer_syntax,
+                f"we SCU, {label} SCP",
+            )
+        ]
+    severity = Severity.MISMATCH if uid in peer.accept else Severity.GAP
+    return [
+        Finding(
+            severity,
+            (uid,),
+            f"not accepted: we offer {_names(proposed)}; {label} accepts "
+            f"{_names(peer.accept[uid].transfer_syntaxes) if uid in peer.accept else 'nothing'}",
+            consequence=f"dicomnode echo to {label} fails: connectivity cannot be verified",
+            fix_by="peer",
+            suggestion=f"only {label} can accept Verification in one of the syntaxes we offer",
+        )
+    ]
+
+
+_MODEL_OPTION = {Model.PATIENT_ROOT: "patient", Model.STUDY_ROOT: "study"}
+
+
+def _qr_to_them(peer: PeerConformance, label: str) -> list[Finding]:
+    """Our Q/R and worklist SCU (``dicomnode find/move/get``, ``worklist query``) against the
+    peer's accept list: the contexts ``dicomnode.scu`` proposes for each model."""
+    their = Profile(classes=peer.accept)
+    offered = tuple(str(ts) for ts in scu._QR_TRANSFER_SYNTAXES)
+    findings: list[Finding] = []
+    accepted_ops: set[Operation] = set()
+    for op in (Operation.FIND, Operation.MOVE, Operation.GET):
+        models = [(m, SOP_CLASSES[m, op]) for m in (Model.STUDY_ROOT, Model.PATIENT_ROOT)]
+        decisions = {m: their.decide(1, uid, offered) for m, uid in models}
+        if any(d.accepted for d in decisions.values()):
+            accepted_ops.add(op)
+        elif not any(uid in peer.accept for _, uid in models):
+            continue  # it is no SCP of this operation: reported below if it matters
+        command = f"dicomnode {op.value.lower()}"
+        for model, uid in models:
+            d = decisions[model]
+            option = f"{command} --model {_MODEL_OPTION[model]}"
+            if d.accepted:
+                findings.append(
+                    Finding(
+                        Severity.OK,
+                        (uid,),
+                        f"accepted in {name_of(d.transfer_syntax or '')}: {option} works",
+                        d.transfer_syntax,
+                        f"we SCU, {label} SCP",
+                    )
+                )
+            elif op in accepted_ops:
+                findings.append(
+                    Finding(
+                        Severity.NOTE,
+                        (uid,),
+                        f"not accepted: {option} fails (the other model works)",
+                        fix_by="peer",
+                    )
+                )
+            elif uid in peer.accept:
+                findings.append(
+                    Finding(
+                        Severity.MISMATCH,
+                        (uid,),
+                        f"{label} accepts it only in {_names(peer.accept[uid].transfer_syntaxes)}"
+                        f"; we offer {_names(offered)}",
+                        consequence=f"{command} to {label} fails in this model",
+                        fix_by="peer",
+                        suggestion=f"only {label} can accept it in {_names(offered)} (what every "
+                        "implementation supports, PS3.5 10.1)",
+                    )
+                )
+    if Operation.FIND in accepted_ops and not accepted_ops & {Operation.MOVE, Operation.GET}:
+        moves = tuple(
+            SOP_CLASSES[m, Operation.MOVE] for m in (Model.STUDY_ROOT, Model.PATIENT_ROOT)
+        )
+        findings.append(
+            Finding(
+                Severity.GAP,
+                moves,
+                f"{label} accepts neither C-MOVE nor C-GET",
+                consequence=f"we can query {label} but not retrieve from it",
+                fix_by="peer",
+                suggestion=f"only {label} can offer a retrieve model",
+            )
+        )
+    mwl = MODALITY_WORKLIST_FIND
+    if mwl in peer.accept:
+        d = their.decide(1, mwl, offered)
+        findings.append(
+            Finding(
+                Severity.OK,
+                (mwl,),
+                f"accepted in {name_of(d.transfer_syntax or '')}: dicomnode worklist query works",
+                d.transfer_syntax,
+                f"we SCU, {label} SCP",
+            )
+            if d.accepted
+            else Finding(
+                Severity.MISMATCH,
+                (mwl,),
+                f"{label} accepts it only in {_names(peer.accept[mwl].transfer_syntaxes)}; we "
+                f"offer {_names(offered)}",
+                consequence=f"dicomnode worklist query to {label} fails",
+                fix_by="peer",
+                suggestion=f"only {label} can accept it in {_names(offered)}",
+            )
+        )
+    return findings
+
+
+def _get_from_them(peer: PeerConformance, label: str, get_uid: str) -> list[Finding]:
+    """``dicomnode get``: the storage contexts and SCP role items ``dicomnode.scu.get_contexts``
+    proposes, against the peer's accept list and its answers to our role selection."""
+    their = Profile(classes=peer.accept)
+    contexts, _ = scu.get_contexts(UID(get_uid))
+    ours: dict[str, list[str]] = {}
+    taken: dict[str, list[str]] = {}
+    role_refused: set[str] = set()
+    for i, cx in enumerate(contexts[1:], start=1):
+        uid = str(cx.abstract_syntax)
+        offered = tuple(str(ts) for ts in cx.transfer_syntax)
+        ours.setdefault(uid, []).extend(offered)
+        d = their.decide(2 * i + 1, uid, offered)
+        if not d.accepted:
+            continue
+        # We propose SCP only for storage (build_role(scp_role=True)): PS3.7 D.3.3.4.
+        roles = negotiate_roles((False, True), peer.accept[uid])
+        if roles is not None and roles[1]:
+            taken.setdefault(uid, []).append(d.transfer_syntax or "")
+        else:
+            role_refused.add(uid)
+    findings: list[Finding] = []
+    not_proposed: list[str] = []
+    for uid, accepted in peer.accept.items():
+        if service_of(uid) is not Service.STORE:
+            continue
+        if uid not in ours:
+            not_proposed.append(uid)
+        elif uid in taken:
+            findings.append(
+                Finding(
+                    Severity.OK,
+                    (uid,),
+                    f"accepted in {', '.join(_syntax_names(tuple(dict.fromkeys(taken[uid]))))}",
+                    taken[uid][0],
+                    f"{label} SCU, we SCP (role selection)",
+                )
+            )
+        elif uid in role_refused:
+            answer = (
+                "it sends no role selection reply (no roles rule: default roles)"
+                if accepted.scp_role is None
+                else "its roles rule answers scp: false"
+            )
+            findings.append(
+                Finding(
+                    Severity.MISMATCH,
+                    (uid,),
+                    f"we propose to act as Storage SCP (PS3.7 D.3.3.4) and {answer}",
+                    consequence=f"dicomnode get from {label} cannot bring back {{classes}} "
+                    "instances: their C-STORE sub-operations have no context (use dicomnode move)",
+                    fix_by="peer",
+                    suggestion=f"only {label} can agree: a roles rule with scp: true for "
+                    "{classes} in its conformance",
+                )
+            )
+        else:
+            findings.append(
+                Finding(
+                    Severity.MISMATCH,
+                    (uid,),
+                    f"{label} takes {{classes}} in "
+                    f"{', '.join(_syntax_names(accepted.transfer_syntaxes))}; "
+                    f"our C-GET offers {_names(dict.fromkeys(ours[uid]))}",
+                    consequence=f"dicomnode get from {label} cannot bring back {{classes}} "
+                    "instances (use dicomnode move)",
+                    fix_by="peer",
+                    suggestion=f"only {label} can accept them in a syntax our C-GET offers (our "
+                    "C-GET's syntaxes are fixed in dicomnode.scu, not in the YAML)",
+                )
+            )
+    if not_proposed:
+        findings.append(
+            Finding(
+                Severity.GAP,
+                tuple(not_proposed),
+                "our C-GET does not propose them: it proposes pynetdicom's common storage "
+                "classes, as many as fit in 128 presentation contexts (PS3.8 9.3.2.2)",
+                consequence=f"dicomnode get from {label} cannot bring back {{classes}} instances "
+                "(dicomnode move can)",
+                fix_by="dicomnode",
+                suggestion="not a YAML change: use dicomnode move for them",
+            )
+        )
+    return findings
+
+
+def _get_by_them(ours: _Ours, peer: PeerConformance, label: str) -> list[Finding]:
+    """The peer's C-GET from us: what it proposes as Storage SCP against what we may hold, as
+    our C-GET SCP (``dicomnode.retrieve``) sends on its association."""
+    scp_props = [
+        p
+        for p in peer.propose
+        if p.role in ("scp", "both") and service_of(p.sop_class) is Service.STORE
+    ]
+    if not scp_props:
+        return [
+            Finding(
+                Severity.MISMATCH,
+                (),
+                f"{label} proposes C-GET but no storage SOP class with role scp",
+                consequence=f"{label}'s C-GET from us cannot receive any instance: the C-STORE "
+                "sub-operations need contexts on which it is SCP (PS3.4 C.4.3, PS3.7 D.3.3.4)",
+                fix_by="peer",
+                suggestion=f"only {label} can propose the storage classes it wants with role: scp",
+            )
+        ]
+    taken: dict[str, list[str]] = {}
+    for i, p in enumerate(scp_props):
+        d = ours.profile.decide(2 * i + 1, p.sop_class, p.transfer_syntaxes)
+        accepted = ours.profile.classes.get(p.sop_class)
+        if d.accepted and accepted is not None:
+            roles = negotiate_roles(_PROPOSED_ROLES[p.role], accepted)
+            if roles is not None and roles[1]:
+                taken.setdefault(p.sop_class, []).append(d.transfer_syntax or "")
+    findings: list[Finding] = []
+    refused: list[Proposal] = []
+    not_proposed: list[str] = []
+    proposed = {p.sop_class for p in scp_props}
+    for uid, held in _held(ours.policy).items():
+        if uid not in proposed:
+            not_proposed.append(uid)
+            continue
+        if uid not in taken:
+            refused += [p for p in scp_props if p.sop_class == uid]
+            continue
+        on_its_contexts = tuple(taken[uid])
+
+        def accepted_for(
+            _stored: str, syntaxes: tuple[str, ...] = on_its_contexts
+        ) -> tuple[str, ...]:
+            return syntaxes  # its contexts are the same whatever the stored syntax
+
+        findings.append(
+            _delivery_finding(uid, held, accepted_for, on_its_contexts, label, True, ours.policy)
+        )
+    if refused:
+        # Why its Storage SCP contexts are of no use: our transfer syntaxes or our roles.
+        findings += _them_to_us(ours, label, refused)
+    if not_proposed:
+        findings.append(
+            Finding(
+                Severity.GAP,
+                tuple(not_proposed),
+                f"{label} does not propose them as Storage SCP",
+                consequence=f"{label}'s C-GET of {{classes}} instances from us fails (those "
+                "sub-operations have no context)",
+                fix_by="peer",
+                suggestion=f"only {label} can propose them (at most 128 contexts per association, "
+                "PS3.8 9.3.2.2); C-MOVE to it has no such limit",
+            )
+        )
+    return findings
+
+
+# --- the whole check ---------------------------------------------------------------------------
+
+ALL_SERVICES: frozenset[Service] = frozenset(Service)
+
+
+def _label(peer: PeerConformance) -> str:
+    return peer.device.ae_title or peer.device.name or "the peer"
+
+
+def check(
+    policy: Policy,
+    peer: PeerConformance,
+    *,
+    ours: str = "ours",
+    theirs: str = "theirs",
+    calling_ae_title: str | None = None,
+    services: frozenset[Service] = ALL_SERVICES,
+    services_source: str = "all services",
+) -> CheckReport:
+    """Simulate every exchange between our node (``policy``) and ``peer``, in both directions.
+
+    ``calling_ae_title`` (default: the peer's ``device.ae_title``) picks our profile for it
+    (``Policy.profile``: its override, if any) together with ``services``, what our
+    dicomnode.yaml allows that caller.
+    """
+    aet = (peer.device.ae_title if calling_ae_title is None else calling_ae_title).strip()
+    side = _Ours(policy, policy.profile(aet, services), aet)
+    label = _label(peer)
+    profile_source = (
+        f"the override peers.{aet}" if aet in policy.peers else "the policy (no override)"
+    )
+    their = Profile(classes=peer.accept)
+    qr_offered = tuple(str(ts) for ts in scu._QR_TRANSFER_SYNTAXES)
+
+    def they_accept(op: Operation) -> str | None:
+        for model in (Model.STUDY_ROOT, Model.PATIENT_ROOT):
+            if their.decide(1, SOP_CLASSES[model, op], qr_offered).accepted:
+                return SOP_CLASSES[model, op]
+        return None
+
+    sections: list[Section] = []
+    calls = [p for p in peer.propose if p.role != "scp"]
+    sections.append(
+        Section(
+            "them_to_us",
+            f"{label} -> us: what it proposes when it calls us",
+            f"its propose list, against our profile for calling AE title {aet or '(none)'}"
+            if calls
+            else "it proposes nothing (no propose list): it does not call us, or what it "
+            "proposes is not known",
+            merge(_them_to_us(side, label, calls)),
+        )
+    )
+    if not peer.accept:
+        sections.append(
+            Section(
+                "us_to_them",
+                f"us -> {label}",
+                "it accepts no associations (no accept list): we send it nothing",
+                (),
+            )
+        )
+    else:
+        sections.append(
+            Section(
+                "echo_to_them",
+                f"us -> {label}: C-ECHO (dicomnode echo)",
+                "the Verification context our SCU proposes",
+                merge(_echo_to_them(peer, label)),
+            )
+        )
+        if any(service_of(uid) is Service.STORE for uid in peer.accept):
+            sections.append(
+                Section(
+                    "storage_to_them",
+                    f"us -> {label}: storage (C-MOVE sub-operations to it, dicomnode send)",
+                    "every storage SOP class we accept, in every transfer syntax we may hold it "
+                    "in (stored as received), as our C-MOVE SCP proposes it (the stored syntax, "
+                    "plus uncompressed little endian for compressed data)",
+                    merge(_storage_to_them(side, peer, label)),
+                )
+            )
+        qr = _qr_to_them(peer, label)
+        if qr:
+            sections.append(
+                Section(
+                    "qr_to_them",
+                    f"us -> {label}: query/retrieve and worklist (dicomnode find, move, get, "
+                    "worklist query)",
+                    "the contexts our Q/R and worklist SCU proposes",
+                    merge(qr),
+                )
+            )
+        if they_accept(Operation.MOVE):
+            storage_calls = [p for p in calls if service_of(p.sop_class) is Service.STORE]
+            assumed = not storage_calls
+            if assumed:
+                move_subops = merge(
+                    _them_to_us(
+                        side,
+                        label,
+                        (
+                            Proposal(uid, a.transfer_syntaxes)
+                            for uid, a in peer.accept.items()
+                            if service_of(uid) is Service.STORE
+                        ),
+                        assumed=True,
+                    )
+                )
+            sections.append(
+                Section(
+                    "move_subops_to_us",
+                    f"{label} -> us: the C-STORE sub-operations of our C-MOVE",
+                    "it has no storage in its propose list: assumed it proposes what it accepts "
+                    "(it must also know our AE title and address as a move destination)"
+                    if assumed
+                    else "as in its propose list (see above); it must also know our AE title and "
+                    "address as a move destination",
+                    move_subops if assumed else (),
+                )
+            )
+        get_uid = they_accept(Operation.GET)
+        if get_uid:
+            sections.append(
+                Section(
+                    "get_from_them",
+                    f"us -> {label}: C-GET (dicomnode get), its C-STORE sub-operations to us",
+                    "the storage contexts and SCP role selection our C-GET proposes, for every "
+                    "storage SOP class it accepts",
+                    merge(_get_from_them(peer, label, get_uid)),
+                )
+            )
+    gets = [
+        p
+        for p in calls
+        if service_of(p.sop_class) is Service.GET
+        and side.profile.decide(1, p.sop_class, p.transfer_syntaxes).accepted
+    ]
+    if gets:
+        sections.append(
+            Section(
+                "get_by_them",
+                f"{label} -> us: its C-GET, the C-STORE sub-operations we send it",
+                "every storage SOP class and transfer syntax we may hold, against the storage "
+                "contexts it proposes as SCP",
+                merge(_get_by_them(side, peer, label)),
+            )
+        )
+    return CheckReport(
+        ours=ours,
+        theirs=theirs,
+        peer=peer,
+        calling_ae_title=aet,
+        profile_source=profile_source,
+        services=services,
+        services_source=services_source,
+        sections=tuple(
+            replace(s, findings=tuple(sorted(s.findings, key=lambda f: -f.severity)))
+            for s in sections
+        ),
+    )
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+_FIX_WORDS = {
+    "ours": "fix in our conformance YAML",
+    "config": "fix in our dicomnode.yaml",
+    "peer": "only the peer can change this",
+    "peer or ours": "fix at the peer, or in our conformance YAML",
+    "dicomnode": "not a configuration matter",
+}
+_SEVERITY_WORDS = {
+    Severity.OK: "ok",
+    Severity.NOTE: "note",
+    Severity.GAP: "gap",
+    Severity.MISMATCH: "MISMATCH",
+}
+
+
+def exit_code(report: CheckReport, strict: bool = False) -> ExitCode:
+    """:attr:`ExitCode.FAILURE` when a simulated negotiation fails (a mismatch; with ``strict``
+    also a gap), as an SCU command exits when a DIMSE operation failed; else SUCCESS."""
+    return ExitCode.FAILURE if report.failed(strict) else ExitCode.SUCCESS
+
+
+def _class_list(finding: Finding, full: bool) -> str:
+    if full or len(finding.sop_classes) <= 6:
+        return _names(finding.sop_classes)
+    return f"{_names(finding.sop_classes[:5])} and {len(finding.sop_classes) - 5} more"
+
+
+def render_text(report: CheckReport, *, strict: bool = False, full: bool = False) -> str:
+    """The report for a person: per exchange, per SOP class, what happens and what to change."""
+    wrap = textwrap.TextWrapper(width=100, subsequent_indent=" " * 12, break_on_hyphens=False)
+    dev = report.peer.device
+    about = [dev.label()]
+    if dev.kind:
+        about.append(f"kind {dev.kind}")
+    if dev.max_pdu_size is not None:
+        about.append(f"max PDU {dev.max_pdu_size or 'unlimited'}")
+    if dev.implementation_class_uid:
+        about.append(
+            f"implementation {dev.implementation_class_uid} "
+            f"{dev.implementation_version_name}".rstrip()
+        )
+    if dev.probed:
+        about.append("probed " + ", ".join(f"{k} {v}" for k, v in dev.probed.items()))
+    services = ", ".join(s.value for s in Service if s in report.services) or "none"
+    lines = [
+        "dicomnode conformance check",
+        *wrap.wrap(
+            f"  ours:   {report.ours}: {report.profile_source} for calling AE title "
+            f"{report.calling_ae_title or '(none)'}; services {services} "
+            f"({report.services_source})"
+        ),
+        *wrap.wrap(f"  theirs: {report.theirs}: {', '.join(about)}"),
+    ]
+    for section in report.sections:
+        lines += ["", section.title]
+        if section.intro:
+            lines += wrap.wrap(f"  ({section.intro})")
+        for f in section.findings:
+            head = _class_list(f, full)
+            summary = f.summary.replace("{classes}", head if len(f.sop_classes) <= 1 else "them")
+            what = f"{head}: {summary}" if f.sop_classes else summary
+            if f.roles:
+                what += f"; {f.roles}"
+            lines += wrap.wrap(f"  {_SEVERITY_WORDS[f.severity]:<9} {what}")
+            names = head if f.sop_classes else "them"
+            for label, text in (
+                ("consequence", f.consequence),
+                (_FIX_WORDS.get(f.fix_by, "fix"), f.suggestion),
+            ):
+                if text and (f.severity > Severity.OK):
+                    lines += wrap.wrap(" " * 12 + f"{label}: {text.replace('{classes}', names)}")
+            if f.change is not None and f.severity > Severity.OK:
+                lines += [" " * 14 + line for line in f.change.yaml(f.sop_classes).splitlines()]
+    code = exit_code(report, strict)
+    counts = (
+        f"{report.count(Severity.MISMATCH)} mismatches, {report.count(Severity.GAP)} gaps, "
+        f"{report.count(Severity.NOTE)} notes"
+    )
+    why = (
+        "a simulated negotiation fails"
+        if code is ExitCode.FAILURE
+        else "no mismatch" + ("" if strict else "; gaps count with --strict")
+    )
+    lines += ["", f"Result: {counts}: exit {int(code)} ({code.name}: {why})"]
+    return "\n".join(lines) + "\n"
+
+
+def report_data(report: CheckReport, strict: bool = False) -> dict[str, Any]:
+    """The report as plain data (for ``--format yaml`` / ``json``): names, not UIDs."""
+
+    def finding(f: Finding) -> dict[str, Any]:
+        names = _names(f.sop_classes) if f.sop_classes else "them"
+        out: dict[str, Any] = {
+            "severity": _SEVERITY_WORDS[f.severity].lower(),
+            "sop_classes": [name_of(uid) for uid in f.sop_classes],
+            "summary": f.summary.replace("{classes}", names),
+        }
+        if f.transfer_syntax:
+            out["transfer_syntax"] = name_of(f.transfer_syntax)
+        for key, value in (
+            ("roles", f.roles),
+            ("consequence", f.consequence),
+            ("fix_by", f.fix_by),
+            ("suggestion", f.suggestion),
+        ):
+            if value:
+                out[key] = value.replace("{classes}", names)
+        if f.change is not None:
+            out["yaml_change"] = f.yaml_change
+        return out
+
+    code = exit_code(report, strict)
+    return {
+        "ours": report.ours,
+        "theirs": report.theirs,
+        "peer": peer_conformance_data(replace(report.peer, accept={}, propose=())).get(
+            "device", {}
+        ),
+        "calling_ae_title": report.calling_ae_title,
+        "profile": report.profile_source,
+        "services": [s.value for s in Service if s in report.services],
+        "services_source": report.services_source,
+        "sections": [
+            {
+                "key": s.key,
+                "title": s.title,
+                "intro": s.intro,
+                "findings": [finding(f) for f in s.findings],
+            }
+            for s in report.sections
+        ],
+        "result": {
+            "mismatches": report.count(Severity.MISMATCH),
+            "gaps": report.count(Severity.GAP),
+            "notes": report.count(Severity.NOTE),
+            "exit_code": int(code),
+            "exit_name": code.name,
+        },
+    }

@@ -601,7 +601,7 @@ def _role(flag: bool | None) -> str:
 def _sop_table(group: ContextGroup) -> Table:
     rows = []
     for c in group.sop_classes:
-        served = "" if c.served else " (negotiated only: requests are refused)"
+        served = "" if c.served else " (negotiated only: the node provides no service for it)"
         rows.append(
             (
                 c.sop_class.name + served,
@@ -885,7 +885,12 @@ def _initiation(st: Statement, ae: Section) -> None:
         )
 
 
+def _override(st: Statement, ae_title: str) -> str:
+    return "yes (below)" if any(o.ae_title == ae_title for o in st.overrides) else "none"
+
+
 def _callers(st: Statement) -> Table:
+    configured = {p.ae_title for p in st.peers}
     rows = []
     for p in st.peers:
         destinations = (
@@ -901,6 +906,7 @@ def _callers(st: Statement) -> Table:
                 _names(p.services),
                 destinations,
                 code(p.worklist_scope),
+                _override(st, p.ae_title),
             )
         )
     rows.append(
@@ -911,10 +917,20 @@ def _callers(st: Statement) -> Table:
             _names(st.unknown_peers),
             "any configured peer",
             code(st.worklist_scope),
+            ", ".join(code(o.ae_title) for o in st.overrides if o.ae_title not in configured)
+            or "none",
         )
     )
     return Table(
-        ("Peer", "Calling AE title", "Calls from", "Services", "May C-MOVE to", "Worklist scope"),
+        (
+            "Peer",
+            "Calling AE title",
+            "Calls from",
+            "Services",
+            "May C-MOVE to",
+            "Worklist scope",
+            "Per-caller override",
+        ),
         tuple(rows),
     )
 
@@ -1320,7 +1336,7 @@ def _networking(st: Statement) -> Section:
     net = Section("Networking")
     net.children.append(_implementation_model(st))
     specs = net.add("AE Specifications")
-    ae = specs.add(f"{st.ae_title} AE Specification")
+    ae = specs.add(f"{code(st.ae_title)} AE Specification")
     ae.add(
         "SOP Classes",
         "The SOP classes of the Overview: as SCP those of the presentation context tables "
@@ -1482,7 +1498,14 @@ def _numbered(sections: Iterable[Section], prefix: str = "") -> Iterable[tuple[s
 def _contents(sections: list[Section]) -> Iterable[str]:
     for number, section, depth in _numbered(sections):
         if number and depth <= 3:
-            yield f"{number} {section.title}"
+            heading = f"{number} {section.title}"
+            yield f"[{heading.replace('`', '')}](#{_slug(heading)})"
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it (lower case, punctuation dropped, spaces to
+    hyphens), so the contents' links work in rendered Markdown and in our HTML alike."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.lower()).replace(" ", "-")
 
 
 # --- Markdown ------------------------------------------------------------------------------
@@ -1518,7 +1541,7 @@ def render_markdown(statement: Statement) -> str:
 
 # --- HTML ----------------------------------------------------------------------------------
 
-_CODE = re.compile(r"`` (.+?) ``|`([^`]+)`")
+_CODE = re.compile(r"`` (.+?) ``|`([^`]+)`|\[([^\]`]+)\]\(#([a-z0-9_-]+)\)")
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem;
@@ -1534,12 +1557,15 @@ h1 { font-size: 1.6rem; } h2 { border-bottom: 1px solid #ddd; margin-top: 2rem; 
 
 
 def _inline(text: str) -> str:
-    """Escaped text with its code spans as <code>."""
+    """Escaped text with its code spans as <code> and its links to headings as <a>."""
     out, end = [], 0
     for match in _CODE.finditer(text):
         out.append(html.escape(text[end : match.start()]))
-        inner = match.group(1) if match.group(1) is not None else match.group(2)
-        out.append(f"<code>{html.escape(inner)}</code>")
+        if match.group(3) is not None:  # a link to a heading of this page
+            out.append(f'<a href="#{match.group(4)}">{html.escape(match.group(3))}</a>')
+        else:
+            inner = match.group(1) if match.group(1) is not None else match.group(2)
+            out.append(f"<code>{html.escape(inner)}</code>")
         end = match.end()
     out.append(html.escape(text[end:]))
     return "".join(out)
@@ -1575,9 +1601,8 @@ def render_html(statement: Statement) -> str:
     ]
     for number, section, depth in _numbered(doc.sections):
         level = min(depth + 1, 6)
-        anchor = "s-" + (number or re.sub(r"[^a-z]+", "-", section.title.lower()).strip("-"))
         title = (number + " " if number else "") + section.title
-        parts.append(f'<h{level} id="{html.escape(anchor)}">{_inline(title)}</h{level}>')
+        parts.append(f'<h{level} id="{_slug(title)}">{_inline(title)}</h{level}>')
         parts += [_html_block(block) for block in section.blocks]
     parts += ["</body>", "</html>"]
     return "\n".join(p for p in parts if p) + "\n"

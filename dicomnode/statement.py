@@ -753,22 +753,30 @@ def _introduction(st: Statement) -> Section:
 
 def _implementation_model(st: Statement) -> Section:
     model = Section("Implementation Model")
-    model.add(
-        "Application Data Flow",
-        Bullets(
-            (
-                f"Remote AEs send instances (C-STORE) to {code(st.ae_title)}; each is checked "
-                "and kept exactly as received (file and index entry) before Success is answered.",
-                "Remote AEs query (C-FIND, Patient and Study Root) the index and retrieve "
-                "(C-MOVE to a configured peer, C-GET on their own association) stored instances.",
-                "Modalities query the Modality Worklist held in the index (items added with "
-                f"{code('dicomnode worklist add/import')}) and report performed steps with MPPS, "
-                "which updates the status of the worklist items they performed.",
-                "Operators use the SCU commands (echo, send, find, move, get, worklist query) "
-                "to act on remote AEs as the same AE title.",
-            )
-        ),
+    provided = set(provided_services(st))
+    flow: list[str] = []
+    if Service.STORE in provided:
+        flow.append(
+            f"Remote AEs send instances (C-STORE) to {code(st.ae_title)}; each is checked and "
+            "kept exactly as received (file and index entry) before Success is answered."
+        )
+    if provided & {Service.FIND, Service.MOVE, Service.GET}:
+        flow.append(
+            "Remote AEs query the index (C-FIND) and retrieve stored instances (C-MOVE to a "
+            "configured peer, C-GET on their own association), as far as the policy accepts "
+            "those models."
+        )
+    if provided & {Service.WORKLIST, Service.MPPS}:
+        flow.append(
+            "Modalities query the Modality Worklist held in the index (items added with "
+            f"{code('dicomnode worklist add/import')}) and report performed steps with MPPS, "
+            "which updates the status of the worklist items they performed."
+        )
+    flow.append(
+        "Operators use the SCU commands (echo, send, find, move, get, worklist query) to act "
+        "on remote AEs as the same AE title."
     )
+    model.add("Application Data Flow", Bullets(tuple(flow)))
     model.add(
         "Functional Definition of AEs",
         f"One AE, {code(st.ae_title)}, listening on {code(st.host)} port {st.port}"
@@ -778,23 +786,22 @@ def _implementation_model(st: Statement) -> Section:
         "in the presentation context tables, and SCU for the activities of the association "
         "initiation policy. Port 0 means a port the system assigns at start.",
     )
-    model.add(
-        "Sequencing of Real-World Activities",
-        Bullets(
-            (
-                "An instance can be queried and retrieved once its C-STORE was answered Success.",
-                "A worklist item's ScheduledProcedureStepStatus follows the MPPS that performed "
-                "it: STARTED at N-CREATE (IN PROGRESS), then COMPLETED or DISCONTINUED at N-SET"
-                + (
-                    "; COMPLETED items are left out of worklist answers unless asked for by value."
-                    if st.hide_completed
-                    else "."
-                ),
-                "C-MOVE: the sub-operations run on our associations to the destination before "
-                "the final C-MOVE response; C-GET: on the requesting association.",
+    sequencing = [
+        "An instance can be queried and retrieved once its C-STORE was answered Success.",
+        "C-MOVE: the sub-operations run on our associations to the destination before the final "
+        "C-MOVE response; C-GET: on the requesting association.",
+    ]
+    if Service.MPPS in provided:
+        sequencing.append(
+            "A worklist item's ScheduledProcedureStepStatus follows the MPPS that performed it: "
+            "STARTED at N-CREATE (IN PROGRESS), then COMPLETED or DISCONTINUED at N-SET"
+            + (
+                "; COMPLETED items are left out of worklist answers unless asked for by value."
+                if st.hide_completed
+                else "."
             )
-        ),
-    )
+        )
+    model.add("Sequencing of Real-World Activities", Bullets(tuple(sequencing)))
     return model
 
 
@@ -985,15 +992,15 @@ def _acceptance(st: Statement, ae: Section) -> None:
             what.append("its own accept list replaces the general one")
         if o.narrowed_to:
             what.append(
-                "every SOP class is narrowed to "
+                "every SOP class narrowed to "
                 + ", ".join(f"{ts.name} {code(ts.uid)}" for ts in o.narrowed_to)
-                + " (in this order of preference)"
+                + ", in this order of preference"
             )
         excluded = "; ".join(f"{n} SOP class(es): {why}" for why, n in o.excluded.items())
         section = overrides.add(
             f"Calling AE title {code(o.ae_title)}",
-            f"For calls with Calling AE Title {code(o.ae_title)} ({', '.join(what)}), allowed "
-            f"the services {_names(o.services)}: it negotiates exactly the tables below."
+            f"For calls with Calling AE Title {code(o.ae_title)}: {'; '.join(what)}. Allowed "
+            f"the services {_names(o.services)}, it negotiates exactly the tables below."
             + (f" Not accepted from it: {excluded}." if excluded else ""),
         )
         _group_sections(section, o.groups, f"from {code(o.ae_title)}")
@@ -1032,9 +1039,46 @@ def _worklist_matching(vr: str, names: str) -> str:
     return "single value (exact, case-sensitive), wildcard (`*` `?`), universal"
 
 
+# Which services each SOP Specific Conformance section describes.
+_SECTION_SERVICES: Mapping[str, frozenset[Service]] = {
+    "Verification SCP": frozenset({Service.ECHO}),
+    "Storage SCP": frozenset({Service.STORE}),
+    "Query/Retrieve SCP: C-FIND": frozenset({Service.FIND}),
+    "Query/Retrieve SCP: C-MOVE and C-GET": frozenset({Service.MOVE, Service.GET}),
+    "Modality Worklist SCP": frozenset({Service.WORKLIST}),
+    "Modality Performed Procedure Step SCP": frozenset({Service.MPPS}),
+}
+
+
+def provided_services(st: Statement) -> tuple[Service, ...]:
+    """The services some caller may negotiate a served SOP class of (policy and overrides)."""
+    found = {service_of(uid) for uid in st.scp_sop_classes if _served(uid)}
+    return tuple(s for s in Service if s in found)
+
+
 def _service_conformance(st: Statement, acc: Section) -> None:
-    names = "case-sensitive" if st.case_sensitive_names else "case-insensitive"
     spec = acc.add("SOP Specific Conformance")
+    _service_sections(st, spec)
+    provided = set(provided_services(st))
+    left = [c.title for c in spec.children if not _SECTION_SERVICES[c.title] & provided]
+    spec.children = [c for c in spec.children if _SECTION_SERVICES[c.title] & provided]
+    if left:
+        spec.blocks.append(
+            "Not provided with this policy (it accepts no SOP class the node serves for them): "
+            + ", ".join(left)
+            + "."
+        )
+    allowed = set(st.unknown_peers) | {s for p in st.peers for s in p.services}
+    unused = [s for s in provided_services(st) if s not in allowed]
+    if unused:
+        spec.blocks.append(
+            f"In the policy but allowed to no caller (unknown_peers, peers.NAME.services): "
+            f"{_names(unused)}."
+        )
+
+
+def _service_sections(st: Statement, spec: Section) -> None:
+    names = "case-sensitive" if st.case_sensitive_names else "case-insensitive"
     spec.add("Verification SCP", "C-ECHO is answered Success (0000).")
     quota = (
         f"the stored instances may take {_bytes(st.max_size)}; at that size the node "

@@ -420,3 +420,19 @@ def test_bad_conformance_file_exits_usage(tmp_path: Path) -> None:
     (tmp_path / "broken.yaml").write_text("ae_title: [")
     done = _cli(tmp_path / "broken.yaml", "conformance", "show")
     assert done.returncode == ExitCode.USAGE and "not valid YAML" in done.stderr
+
+
+def test_service_sections_follow_the_policy(shown: Shown) -> None:
+    """A service the policy gives no caller has no SOP Specific Conformance section, and the
+    statement says it is not provided."""
+    headings = [line for line in shown.markdown.splitlines() if line.startswith("#")]
+    worklist = [h for h in headings if h.endswith("Modality Worklist SCP")]
+    if "OLDCT" in context_tables(shown.markdown):  # restricted: verification and CT only
+        assert not worklist
+        assert re.search(
+            r"Not provided with this policy .*: Query/Retrieve SCP: C-FIND", shown.markdown
+        )
+        assert any(h.endswith("Storage SCP") for h in headings)
+    else:
+        assert len(worklist) == 1
+        assert "Not provided with this policy" not in shown.markdown

@@ -8,6 +8,7 @@ storescp.cfg), never from an earlier probe.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -209,6 +210,61 @@ def test_restricted_storescp_full_default_probe(
     assert "3 of 170 SOP classes accepted" in result.stderr
     # Nothing but negotiation and one C-ECHO: storescp received no data set.
     assert not any(restricted_out.iterdir())
+
+
+def test_check_reads_what_probe_wrote(restricted: Endpoint, tmp_path: Path) -> None:
+    """The probed YAML is what ``conformance check`` reads: a policy holding CT only in syntaxes
+    the peer accepts passes; one that may hold CT as implicit VR little endian (which this peer
+    refuses for CT) is a mismatch; so is our default policy (everything, in every syntax)."""
+    config = write_config(tmp_path / "scu.yaml")
+    theirs = tmp_path / "restricted.yaml"
+    probe_cli(config, restricted.address, theirs, "--sop-class", "CTImageStorage")
+
+    def check(accept: list[dict[str, Any]] | None) -> tuple[int, dict[str, Any]]:
+        ours = Path(__file__).resolve().parent.parent / "config" / "conformance.yaml"
+        if accept is not None:
+            ours = tmp_path / f"ours{len(accept[-1]['transfer_syntaxes'])}.yaml"
+            ours.write_text(yaml.safe_dump({"accept": accept}), encoding="utf-8")
+        done = run_cli(config, "conformance", "check", ours, theirs, "--format", "json")
+        assert done.returncode in (ExitCode.SUCCESS, ExitCode.FAILURE), done.stderr
+        return done.returncode, json.loads(done.stdout)
+
+    def mismatches(report: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            finding
+            for section in report["sections"]
+            if section["key"] == "storage_to_them"
+            for finding in section["findings"]
+            if finding["severity"] == "mismatch"
+        ]
+
+    verification = {
+        "sop_classes": ["Verification"],
+        "transfer_syntaxes": ["ExplicitVRLittleEndian"],
+    }
+    fits = [
+        verification,
+        {
+            "sop_classes": ["CTImageStorage"],
+            "transfer_syntaxes": ["JPEG2000Lossless", "ExplicitVRLittleEndian"],
+        },
+    ]
+    code, report = check(fits)
+    assert code == ExitCode.SUCCESS, report
+    assert mismatches(report) == []
+
+    implicit = [verification, {"sop_classes": ["CTImageStorage"],
+                               "transfer_syntaxes": ["JPEG2000Lossless", "ExplicitVRLittleEndian",
+                                                     "ImplicitVRLittleEndian"]}]  # fmt: skip
+    code, report = check(implicit)
+    assert code == ExitCode.FAILURE
+    [finding] = mismatches(report)
+    assert finding["sop_classes"] == ["CTImageStorage"]
+    assert "ImplicitVRLittleEndian" in finding["summary"]
+
+    code, report = check(None)
+    assert code == ExitCode.FAILURE
+    assert any("CTImageStorage" in f["sop_classes"] for f in mismatches(report))
 
 
 def test_smaller_batches_find_the_same(restricted: Endpoint) -> None:

@@ -305,7 +305,12 @@ def test_implementation_identity_is_what_the_node_announces(shown: Shown) -> Non
         assert assoc.is_established
         assert assoc.acceptor.implementation_class_uid == uid
         assert assoc.acceptor.implementation_version_name == name
-        assert assoc.acceptor.maximum_length == 65536
+        announced = re.search(
+            r"^\| Maximum PDU size we announce \(PS3.8 D.1\) \| (\d+) bytes",
+            shown.markdown,
+            re.MULTILINE,
+        )
+        assert announced and assoc.acceptor.maximum_length == int(announced.group(1)) == 65536
     finally:
         assoc.release()
         ae.shutdown()
@@ -436,3 +441,31 @@ def test_service_sections_follow_the_policy(shown: Shown) -> None:
     else:
         assert len(worklist) == 1
         assert "Not provided with this policy" not in shown.markdown
+
+
+def test_association_limit_is_as_stated(shown: Shown) -> None:
+    """The statement's maximum number of associations is where the node starts refusing:
+    that many are accepted at once, one more is rejected-transient, local limit exceeded."""
+    found = re.search(
+        r"^\| Maximum simultaneous associations accepted \| (\d+) \|$", shown.markdown, re.MULTILINE
+    )
+    assert found
+    limit = int(found.group(1))
+    assert limit == 7
+    ae = AE(ae_title=CALLER)
+    ae.add_requested_context(VERIFICATION, [EXPLICIT])
+    held = []
+    try:
+        for _ in range(limit):
+            assoc = ae.associate(shown.node.host, shown.node.port, ae_title=shown.node.ae_title)
+            held.append(assoc)
+            assert assoc.is_established
+        extra = ae.associate(shown.node.host, shown.node.port, ae_title=shown.node.ae_title)
+        assert extra.is_rejected
+        answer = extra.acceptor.primitive
+        assert (answer.result, answer.result_source, answer.diagnostic) == (2, 3, 2)
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+        ae.shutdown()

@@ -287,7 +287,11 @@ def _class_names(uids: Iterable[str]) -> list[str]:
 def _syntax_names(uids: tuple[str, ...]) -> list[str]:
     """Transfer syntax names, a run equal to a group in the group's order written as its name
     (here the order is the order of preference, so only an exact run is a group)."""
-    groups = sorted(TRANSFER_SYNTAX_GROUPS.items(), key=lambda item: -len(item[1]))
+    # One-member groups (deflated) read better as the syntax's keyword.
+    groups = sorted(
+        ((g, m) for g, m in TRANSFER_SYNTAX_GROUPS.items() if len(m) > 1),
+        key=lambda item: -len(item[1]),
+    )
     names: list[str] = []
     i = 0
     while i < len(uids):
@@ -435,9 +439,7 @@ class Change:
     scp: bool = True
 
     def yaml(self, sop_classes: Iterable[str]) -> str:
-        """The snippet, as it would sit in the file."""
-        classes = ", ".join(_class_names(sop_classes))
-        tss = ", ".join(_syntax_names(self.transfer_syntaxes))
+        """The snippet, as it would sit in the file (long lists one name per line)."""
         parts = self.where.split(".")
         indent = ""
         lines: list[str] = []
@@ -445,18 +447,30 @@ class Change:
             lines += ["peers:", f"  {parts[1]}:"]
             indent = "    "
             if parts[2] == "transfer_syntaxes":
-                return "\n".join([*lines, f"{indent}transfer_syntaxes: [{tss}]"])
+                return "\n".join(
+                    lines + _yaml_list(indent, "transfer_syntaxes", self.transfer_syntaxes, False)
+                )
         key = parts[-1]
         lines.append(f"{indent}{key}:")
-        lines.append(f"{indent}  - sop_classes: [{classes}]")
+        lines += _yaml_list(indent + "  - ", "sop_classes", tuple(sop_classes), True)
         if key == "roles":
             lines += [
                 f"{indent}    scu: {str(self.scu).lower()}",
                 f"{indent}    scp: {str(self.scp).lower()}",
             ]
         else:
-            lines.append(f"{indent}    transfer_syntaxes: [{tss}]")
+            lines += _yaml_list(indent + "    ", "transfer_syntaxes", self.transfer_syntaxes, False)
         return "\n".join(lines)
+
+
+def _yaml_list(prefix: str, key: str, uids: tuple[str, ...], classes: bool) -> list[str]:
+    """``key: [a, b]`` after ``prefix``, or one name a line when that is over 100 characters."""
+    names = _class_names(uids) if classes else _syntax_names(uids)
+    line = f"{prefix}{key}: [{', '.join(names)}]"
+    if len(line) <= 100:
+        return [line]
+    pad = " " * (len(prefix) + 2)
+    return [f"{prefix}{key}:"] + [f"{pad}- {name}" for name in names]
 
 
 @dataclass(frozen=True)
@@ -481,12 +495,11 @@ class Finding:
     change: Change | None = None
 
     def text(self, value: str) -> str:
-        names = (
-            _names(self.sop_classes)
-            if len(self.sop_classes) <= 6
-            else (f"{_names(self.sop_classes[:5])} and {len(self.sop_classes) - 5} more")
+        """``value`` with the class name in, or "these SOP classes" for more than one."""
+        one = len(self.sop_classes) == 1
+        return value.replace(
+            "{classes}", name_of(self.sop_classes[0]) if one else "these SOP classes"
         )
-        return value.replace("{classes}", names)
 
     @property
     def yaml_change(self) -> str:
@@ -617,7 +630,7 @@ def _refusal(uid: str, label: str) -> str:
     service = service_of(uid)
     if service is Service.STORE:
         return (
-            f"{{classes}} instances from {label} will be rejected: there is no presentation "
+            f"instances of {{classes}} from {label} will be rejected: there is no presentation "
             "context for them, so it fails (or skips) those C-STOREs"
         )
     if service is Service.ECHO:
@@ -741,7 +754,7 @@ def _class_outcome(
             )
         if wants_scp:
             consequence = (
-                f"{label}'s C-GET cannot bring back {{classes}} instances: it asks to act as "
+                f"{label}'s C-GET cannot bring back instances of {{classes}}: it asks to act as "
                 "Storage SCP on its association (PS3.7 D.3.3.4) and we do not agree, so those "
                 "C-GET sub-operations fail"
             )
@@ -820,13 +833,18 @@ def _move_contexts(sop_class: str, stored: str) -> list[tuple[str, tuple[str, ..
     ]
 
 
+_NO_DECODER = "no decoder"
+_NO_CONVERSION = "no lossless conversion fits (nothing is ever recompressed)"
+_NOT_PROPOSED = "not proposed"
+
+
 def _deliver(stored: str, accepted: Iterable[str]) -> tuple[str | None, str]:
     """The syntax a stored instance goes out in over contexts accepted in ``accepted`` and "" or
     how it is converted; or None and why it cannot go. ``transcode.choose_syntax`` decides, and
     a decompression needs a decoder installed here."""
     target = transcode.choose_syntax(stored, tuple(accepted))
     if target is None:
-        return None, "no lossless conversion fits (nothing is ever recompressed)"
+        return None, _NO_CONVERSION
     if target == stored:
         return target, ""
     if stored in transcode.UNCOMPRESSED or stored == str(DeflatedExplicitVRLittleEndian):
@@ -834,10 +852,7 @@ def _deliver(stored: str, accepted: Iterable[str]) -> tuple[str | None, str]:
     if target in transcode.RELABEL_LOSSLESS.get(stored, ()):
         return target, "relabelled (the same bit stream)"
     if not can_decompress(stored):
-        return (
-            None,
-            f"it would have to be decompressed and no decoder for {name_of(stored)} is installed",
-        )
+        return None, _NO_DECODER
     return target, "decompressed"
 
 
@@ -858,6 +873,10 @@ def _delivery_finding(
     failing: list[tuple[str, str]] = []
     for ts in held:
         target, how = _deliver(ts, accepted_for(ts))
+        if target is None and how == _NO_CONVERSION and _deliver(ts, their_list)[0] is not None:
+            # A conversion we make would fit its accept list, but our SCU never proposes a
+            # context for it (dicomnode.retrieve adds no fallback for uncompressed data).
+            how = _NOT_PROPOSED
         if target is None:
             failing.append((ts, how))
         elif target == ts:
@@ -867,7 +886,24 @@ def _delivery_finding(
     theirs = ", ".join(_syntax_names(their_list)) or "nothing"
     if failing:
         bad = tuple(ts for ts, _ in failing)
-        whys = "; ".join(dict.fromkeys(why for _, why in failing))
+        undecodable = tuple(ts for ts, why in failing if why == _NO_DECODER)
+        unproposed = tuple(ts for ts, why in failing if why == _NOT_PROPOSED)
+        others = tuple(ts for ts in bad if ts not in undecodable and ts not in unproposed)
+        whys = []
+        if unproposed:
+            whys.append(
+                f"for {', '.join(_syntax_names(unproposed))} our C-MOVE proposes only the stored "
+                "syntax (dicomnode.retrieve adds no other context for uncompressed little endian "
+                "data)"
+            )
+        if undecodable:
+            which = (
+                "them" if len(undecodable) == len(bad) else ", ".join(_syntax_names(undecodable))
+            )
+            whys.append(f"no decoder is installed here to decompress {which}")
+        if others:
+            which = f"for {', '.join(_syntax_names(others))} " if len(others) < len(bad) else ""
+            whys.append(f"{which}{_NO_CONVERSION}")
         what = (
             f"{label}'s C-GET sub-operations for them fail"
             if get
@@ -879,15 +915,24 @@ def _delivery_finding(
         return Finding(
             Severity.MISMATCH,
             (uid,),
-            f"held as {', '.join(_syntax_names(bad))}: cannot be sent: {label} takes {{classes}} "
-            f"in {theirs}; {whys}",
-            consequence=f"{{classes}} instances we hold as {', '.join(_syntax_names(bad))} cannot "
-            f"be sent to {label}: {what}",
-            fix_by="peer or ours",
-            suggestion=f"only {label} can take them (add {', '.join(_syntax_names(bad))} for "
-            "{classes} to its accept list); or we stop accepting {classes} in those syntaxes "
-            "(senders must then send another one, if they can)"
-            + (": append this rule to accept:" if keep else ""),
+            f"held as {', '.join(_syntax_names(bad))}: "
+            + (
+                f"{label}'s contexts for it were accepted in {theirs} only"
+                if get
+                else f"{label} accepts it only in {theirs}"
+            )
+            + f"; {'; '.join(whys)}",
+            consequence=f"instances of {{classes}} we hold in those syntaxes cannot be sent to "
+            f"{label}: {what}",
+            fix_by="peer or ours" if keep else "peer",
+            suggestion=f"only {label} can take them (add those syntaxes for {{classes}} to its "
+            "accept list)"
+            + (
+                "; or we stop accepting {classes} in them (senders must then send another "
+                "syntax, if they can): append this rule to accept:"
+                if keep
+                else ""
+            ),
             change=Change("accept", keep) if keep else None,
         )
     if converted:
@@ -955,7 +1000,7 @@ def _storage_to_them(ours: _Ours, peer: PeerConformance, label: str) -> list[Fin
                 Severity.GAP,
                 tuple(not_taken),
                 f"not accepted by {label} at all",
-                consequence=f"{{classes}} instances we hold cannot be sent to {label} (C-MOVE "
+                consequence=f"instances of {{classes}} we hold cannot be sent to {label} (C-MOVE "
                 "sub-operations to it fail for them)",
                 fix_by="peer",
                 suggestion=f"only {label} can accept them; if it should never receive them, "
@@ -1011,7 +1056,7 @@ def _qr_to_them(peer: PeerConformance, label: str) -> list[Finding]:
             accepted_ops.add(op)
         elif not any(uid in peer.accept for _, uid in models):
             continue  # it is no SCP of this operation: reported below if it matters
-        command = f"dicomnode {op.value.lower()}"
+        command = f"dicomnode {op.name.lower()}"
         for model, uid in models:
             d = decisions[model]
             option = f"{command} --model {_MODEL_OPTION[model]}"
@@ -1135,8 +1180,9 @@ def _get_from_them(peer: PeerConformance, label: str, get_uid: str) -> list[Find
                     Severity.MISMATCH,
                     (uid,),
                     f"we propose to act as Storage SCP (PS3.7 D.3.3.4) and {answer}",
-                    consequence=f"dicomnode get from {label} cannot bring back {{classes}} "
-                    "instances: their C-STORE sub-operations have no context (use dicomnode move)",
+                    consequence=f"dicomnode get from {label} cannot bring back instances "
+                    "of {classes}: their C-STORE sub-operations have no context (use dicomnode "
+                    "move)",
                     fix_by="peer",
                     suggestion=f"only {label} can agree: a roles rule with scp: true for "
                     "{classes} in its conformance",
@@ -1150,8 +1196,8 @@ def _get_from_them(peer: PeerConformance, label: str, get_uid: str) -> list[Find
                     f"{label} takes {{classes}} in "
                     f"{', '.join(_syntax_names(accepted.transfer_syntaxes))}; "
                     f"our C-GET offers {_names(dict.fromkeys(ours[uid]))}",
-                    consequence=f"dicomnode get from {label} cannot bring back {{classes}} "
-                    "instances (use dicomnode move)",
+                    consequence=f"dicomnode get from {label} cannot bring back instances "
+                    "of {classes} (use dicomnode move)",
                     fix_by="peer",
                     suggestion=f"only {label} can accept them in a syntax our C-GET offers (our "
                     "C-GET's syntaxes are fixed in dicomnode.scu, not in the YAML)",
@@ -1164,8 +1210,8 @@ def _get_from_them(peer: PeerConformance, label: str, get_uid: str) -> list[Find
                 tuple(not_proposed),
                 "our C-GET does not propose them: it proposes pynetdicom's common storage "
                 "classes, as many as fit in 128 presentation contexts (PS3.8 9.3.2.2)",
-                consequence=f"dicomnode get from {label} cannot bring back {{classes}} instances "
-                "(dicomnode move can)",
+                consequence=f"dicomnode get from {label} cannot bring back instances of "
+                "{classes} (dicomnode move can)",
                 fix_by="dicomnode",
                 suggestion="not a YAML change: use dicomnode move for them",
             )
@@ -1231,7 +1277,7 @@ def _get_by_them(ours: _Ours, peer: PeerConformance, label: str) -> list[Finding
                 Severity.GAP,
                 tuple(not_proposed),
                 f"{label} does not propose them as Storage SCP",
-                consequence=f"{label}'s C-GET of {{classes}} instances from us fails (those "
+                consequence=f"{label}'s C-GET of instances of {{classes}} from us fails (those "
                 "sub-operations have no context)",
                 fix_by="peer",
                 suggestion=f"only {label} can propose them (at most 128 contexts per association, "
@@ -1433,6 +1479,10 @@ def _class_list(finding: Finding, full: bool) -> str:
     return f"{_names(finding.sop_classes[:5])} and {len(finding.sop_classes) - 5} more"
 
 
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def render_text(report: CheckReport, *, strict: bool = False, full: bool = False) -> str:
     """The report for a person: per exchange, per SOP class, what happens and what to change."""
     wrap = textwrap.TextWrapper(width=100, subsequent_indent=" " * 12, break_on_hyphens=False)
@@ -1462,27 +1512,29 @@ def render_text(report: CheckReport, *, strict: bool = False, full: bool = False
     for section in report.sections:
         lines += ["", section.title]
         if section.intro:
-            lines += wrap.wrap(f"  ({section.intro})")
+            lines += textwrap.wrap(
+                f"({section.intro})", width=100, initial_indent="  ", subsequent_indent="   "
+            )
         for f in section.findings:
             head = _class_list(f, full)
-            summary = f.summary.replace("{classes}", head if len(f.sop_classes) <= 1 else "them")
+            summary = f.text(f.summary)
             what = f"{head}: {summary}" if f.sop_classes else summary
             if f.roles:
                 what += f"; {f.roles}"
             lines += wrap.wrap(f"  {_SEVERITY_WORDS[f.severity]:<9} {what}")
-            names = head if f.sop_classes else "them"
             for label, text in (
                 ("consequence", f.consequence),
                 (_FIX_WORDS.get(f.fix_by, "fix"), f.suggestion),
             ):
                 if text and (f.severity > Severity.OK):
-                    lines += wrap.wrap(" " * 12 + f"{label}: {text.replace('{classes}', names)}")
+                    lines += wrap.wrap(" " * 12 + f"{label}: {f.text(text)}")
             if f.change is not None and f.severity > Severity.OK:
                 lines += [" " * 14 + line for line in f.change.yaml(f.sop_classes).splitlines()]
     code = exit_code(report, strict)
     counts = (
-        f"{report.count(Severity.MISMATCH)} mismatches, {report.count(Severity.GAP)} gaps, "
-        f"{report.count(Severity.NOTE)} notes"
+        f"{_plural(report.count(Severity.MISMATCH), 'mismatch', 'mismatches')}, "
+        f"{_plural(report.count(Severity.GAP), 'gap', 'gaps')}, "
+        f"{_plural(report.count(Severity.NOTE), 'note', 'notes')}"
     )
     why = (
         "a simulated negotiation fails"
@@ -1497,11 +1549,10 @@ def report_data(report: CheckReport, strict: bool = False) -> dict[str, Any]:
     """The report as plain data (for ``--format yaml`` / ``json``): names, not UIDs."""
 
     def finding(f: Finding) -> dict[str, Any]:
-        names = _names(f.sop_classes) if f.sop_classes else "them"
         out: dict[str, Any] = {
             "severity": _SEVERITY_WORDS[f.severity].lower(),
             "sop_classes": [name_of(uid) for uid in f.sop_classes],
-            "summary": f.summary.replace("{classes}", names),
+            "summary": f.text(f.summary),
         }
         if f.transfer_syntax:
             out["transfer_syntax"] = name_of(f.transfer_syntax)
@@ -1512,7 +1563,7 @@ def report_data(report: CheckReport, strict: bool = False) -> dict[str, Any]:
             ("suggestion", f.suggestion),
         ):
             if value:
-                out[key] = value.replace("{classes}", names)
+                out[key] = f.text(value)
         if f.change is not None:
             out["yaml_change"] = f.yaml_change
         return out

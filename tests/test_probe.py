@@ -521,18 +521,37 @@ def test_our_node_answers_as_its_policy_says(node: RunningNode, tmp_path: Path) 
 
 
 def test_our_node_rejects_what_its_policy_does_not_list(node: RunningNode, tmp_path: Path) -> None:
+    """--sop-classes-from takes the classes of a policy-form YAML (accept) and of a peer
+    conformance (accept and propose: what a scanner would send); the node rejects the one its
+    policy does not list."""
     config = write_config(tmp_path / "scu.yaml")
-    conformance = tmp_path / "theirs.yaml"
-    conformance.write_text(
-        yaml.safe_dump({"accept": [{"sop_classes": ["UltrasoundImageStorage", "CTImageStorage"],
+    ours_form = tmp_path / "policy.yaml"
+    ours_form.write_text(
+        yaml.safe_dump({"accept": [{"sop_classes": ["UltrasoundImageStorage"],
                                     "transfer_syntaxes": ["all"]}]}),
         encoding="utf-8",
     )  # fmt: skip
+    peer_form = tmp_path / "scanner.yaml"
+    peer_form.write_text(
+        yaml.safe_dump({
+            "device": {"name": "a CT scanner", "ae_title": "CT1"},
+            "propose": [{"sop_classes": ["Verification", "CTImageStorage"],
+                         "transfer_syntaxes": ["ExplicitVRLittleEndian"]}],
+        }),
+        encoding="utf-8",
+    )  # fmt: skip
     peer, _, result = probe_cli(
-        config, node.address, tmp_path / "node.yaml", "--sop-classes-from", conformance
+        config,
+        node.address,
+        tmp_path / "node.yaml",
+        "--sop-classes-from",
+        ours_form,
+        "--sop-classes-from",
+        peer_form,
     )
     assert US not in peer.accept
     assert peer.accept[CT].transfer_syntaxes == (J2K_LOSSLESS, JPEGLS_LOSSLESS, EVRLE)
+    # Verification is probed as a service, not counted with the storage classes.
     assert "1 of 2 SOP classes accepted" in result.stderr
 
 

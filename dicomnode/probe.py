@@ -194,6 +194,7 @@ class _Prober:
         self.peer = peer
         self.result = result
         self.ae = scu.make_ae(config)
+        self.identified = False
 
     def associate(
         self,
@@ -243,8 +244,9 @@ class _Prober:
         return answers
 
     def _identity(self, assoc: Association) -> None:
-        if self.result.implementation_class_uid:
+        if self.identified:
             return
+        self.identified = True
         acceptor = assoc.acceptor
         self.result.max_pdu_size = acceptor.maximum_length
         self.result.implementation_class_uid = str(acceptor.implementation_class_uid or "")

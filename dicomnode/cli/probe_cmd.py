@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from dicomnode import probe
+from dicomnode import probe, scu
 from dicomnode.cli import CliState, pass_state, with_config
 from dicomnode.cli.scu_cmds import _peer, _setup, tls_option
 from dicomnode.config import read_yaml
@@ -174,6 +174,12 @@ def probe_cmd(
     )
     if result.failure is not None:
         click.echo(f"dicomnode probe: {result.failure.message}", err=True)
+        if _maybe_too_many_contexts(result.failure) and batch > _SMALL_BATCH and not quiet:
+            click.echo(
+                f"dicomnode probe: some devices refuse an association proposing many "
+                f"presentation contexts; try --batch {_SMALL_BATCH}",
+                err=True,
+            )
         if result.associations > 1 and not quiet:
             click.echo(
                 f"dicomnode probe: stopped after {result.associations} associations; "
@@ -198,6 +204,23 @@ def probe_cmd(
     if result.echo_status is not None:
         sys.exit(exit_code([category(result.echo_status)]))
     sys.exit(ExitCode.SUCCESS)
+
+
+_SMALL_BATCH = 16
+# PS3.8 9.3.4 A-ASSOCIATE-RJ: source 1 (service user), reason 1 (no reason given).
+_SERVICE_USER, _NO_REASON_GIVEN = 1, 1
+
+
+def _maybe_too_many_contexts(failure: scu.AssociationFailure) -> bool:
+    """An abort, or a rejection without a reason: what a device that cannot take 128 contexts
+    tends to answer (a rejection naming a reason, e.g. an unknown called AE title, is not)."""
+    if failure.kind is scu.FailureKind.ABORTED:
+        return True
+    return (
+        failure.kind is scu.FailureKind.REJECTED
+        and failure.source == _SERVICE_USER
+        and failure.reason == _NO_REASON_GIVEN
+    )
 
 
 def _with_notes(text: str, result: probe.ProbeResult) -> str:

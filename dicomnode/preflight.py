@@ -619,6 +619,8 @@ class _Ours:
     policy: Policy
     profile: Profile
     ae_title: str
+    # Where our dicomnode.yaml sets the services of this caller, for suggestions.
+    services_key: str = "peers.NAME.services, or unknown_peers"
 
     @property
     def override(self) -> PeerOverride | None:
@@ -780,7 +782,7 @@ def _class_outcome(
                 consequence=consequence,
                 fix_by="config",
                 suggestion=f"not a conformance YAML change: allow the '{service.value}' service "
-                "for this AE title in dicomnode.yaml (peers.NAME.services, or unknown_peers)",
+                f"for this AE title in dicomnode.yaml ({ours.services_key})",
             )
         words, change = _accept_change(ours, uid, offered)
         return Finding(
@@ -1305,15 +1307,16 @@ def check(
     calling_ae_title: str | None = None,
     services: frozenset[Service] = ALL_SERVICES,
     services_source: str = "all services",
+    services_key: str = "peers.NAME.services, or unknown_peers",
 ) -> CheckReport:
     """Simulate every exchange between our node (``policy``) and ``peer``, in both directions.
 
     ``calling_ae_title`` (default: the peer's ``device.ae_title``) picks our profile for it
     (``Policy.profile``: its override, if any) together with ``services``, what our
-    dicomnode.yaml allows that caller.
+    dicomnode.yaml allows that caller (``services_key`` says where, for suggestions).
     """
     aet = (peer.device.ae_title if calling_ae_title is None else calling_ae_title).strip()
-    side = _Ours(policy, policy.profile(aet, services), aet)
+    side = _Ours(policy, policy.profile(aet, services), aet, services_key)
     label = _label(peer)
     profile_source = (
         f"the override peers.{aet}" if aet in policy.peers else "the policy (no override)"

@@ -6,12 +6,17 @@ Pure: no sockets. The check runs through the real CLI on real files.
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from dicomnode.cli import main
 from dicomnode.policy import DEFAULT_CONFORMANCE, SOP_CLASS_GROUPS, AcceptedClass, ConformanceError
 from dicomnode.preflight import (
     Device,
@@ -19,6 +24,7 @@ from dicomnode.preflight import (
     Proposal,
     dump_peer_conformance,
     load_peer_conformance,
+    negotiate_roles,
     parse_peer_conformance,
 )
 
@@ -195,3 +201,350 @@ def test_errors_name_the_key(change: Any, message: str) -> None:
 def test_not_a_mapping() -> None:
     with pytest.raises(ConformanceError, match=r"peer\.yaml: must be a mapping with the keys"):
         parse_peer_conformance(["accept"], "peer.yaml")
+
+
+# --- role selection as pynetdicom negotiates it --------------------------------------------------
+
+
+def test_role_negotiation_is_pynetdicoms_table() -> None:
+    from pynetdicom.presentation import CONTEXT_REJECTED, DEFAULT_ROLE, SCP_SCU_ROLES
+
+    flags = (None, True, False)
+    for proposed in (None, (True, True), (True, False), (False, True), (False, False)):
+        for ac_scu in flags:
+            for ac_scp in flags:
+                accepted = AcceptedClass(CT, (EXPLICIT,), ac_scu, ac_scp)
+                # pynetdicom's acceptor: no reply (a None answer) means the default roles,
+                # before its table is consulted.
+                if None in (ac_scu, ac_scp):
+                    outcome = DEFAULT_ROLE
+                else:
+                    outcome = SCP_SCU_ROLES[proposed or (None, None)][(ac_scu, ac_scp)]
+                expected = None if outcome == CONTEXT_REJECTED else (outcome[0], outcome[1])
+                assert negotiate_roles(proposed, accepted) == expected, (proposed, accepted)
+
+
+# --- the check, through the real CLI -------------------------------------------------------------
+
+CONFORMANCE = REPO / "config" / "conformance.yaml"
+EXAMPLES = sorted(PEERS.glob("*.yaml"))
+
+
+def run_check(*args: str | Path) -> tuple[int, str, str]:
+    """``dicomnode conformance check ...`` in-process (click's runner; no network involved)."""
+    result = CliRunner().invoke(main, ["conformance", "check", *map(str, args)])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def flat(text: str) -> str:
+    """The text report with its line wrapping undone, to search for phrases."""
+    return " ".join(text.split())
+
+
+def check_json(*args: str | Path) -> tuple[int, dict[str, Any]]:
+    code, out, _ = run_check(*args, "--format", "json")
+    return code, json.loads(out)
+
+
+def findings(report: dict[str, Any], section: str, severity: str) -> list[dict[str, Any]]:
+    return [
+        f
+        for s in report["sections"]
+        if s["key"] == section
+        for f in s["findings"]
+        if f["severity"] == severity
+    ]
+
+
+def write(path: Path, data: Any) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_examples_are_shipped() -> None:
+    kinds = {p.stem for p in EXAMPLES}
+    assert {"ct_scanner", "mr_scanner", "cr_dr", "ultrasound", "pacs", "workstation_cget"} <= kinds
+    assert "worklist_modality" in kinds
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_parses_round_trips_and_checks(path: Path) -> None:
+    peer = load_peer_conformance(path)
+    assert peer.device.ae_title and peer.device.kind == path.stem
+    assert parse_peer_conformance(yaml.safe_load(dump_peer_conformance(peer))) == peer
+    code, report = check_json(CONFORMANCE, path)
+    # Against the reference policy every example passes but the C-GET workstation: we may hold
+    # instances in syntaxes we cannot decompress and it does not offer (MPEG, HEVC, ...).
+    expected = 2 if path.stem == "workstation_cget" else 0
+    assert code == expected == report["result"]["exit_code"]
+    assert report["result"]["mismatches"] == (1 if expected else 0)
+
+
+def test_ct_scanner_against_the_reference_policy() -> None:
+    code, text, _ = run_check(CONFORMANCE, PEERS / "ct_scanner.yaml", "--all")
+    out = flat(text)
+    assert code == 0
+    assert "CT_SCANNER -> us: what it proposes when it calls us" in out
+    assert "ok CTImageStorage, EnhancedCTImageStorage: accepted in ExplicitVRLittleEndian" in out
+    assert "CT_SCANNER SCU, we SCP" in out
+    assert "us -> CT_SCANNER: C-ECHO (dicomnode echo)" in out
+    assert out.endswith("exit 0 (SUCCESS: no mismatch; gaps count with --strict)")
+
+
+def test_workstation_c_get_reports_what_we_cannot_pass_on() -> None:
+    code, report = check_json(CONFORMANCE, PEERS / "workstation_cget.yaml")
+    assert code == 2
+    [mismatch] = findings(report, "get_by_them", "mismatch")
+    assert "CTImageStorage" in mismatch["sop_classes"]
+    assert "MPEG2MPML" in mismatch["summary"] and "no decoder" in mismatch["summary"]
+    assert "VIEWER's C-GET sub-operations for them fail" in mismatch["consequence"]
+    # The suggested narrowing keeps what we can pass on and drops the rest.
+    change = yaml.safe_load(mismatch["yaml_change"])["accept"][0]["transfer_syntaxes"]
+    assert "JPEG2000Lossless" in change and "MPEG2MPML" not in change
+    [gap] = findings(report, "get_by_them", "gap")
+    assert "RTPlanStorage" in gap["sop_classes"]
+    # Its C-GET proposals are accepted, with us agreeing to its SCP role for storage.
+    assert findings(report, "them_to_us", "mismatch") == []
+
+
+def test_matching_pair_exits_zero_through_the_real_command() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicomnode.cli",
+            "conformance",
+            "check",
+            CONFORMANCE,
+            PEERS / "pacs.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = flat(result.stdout)
+    assert "us -> PACS: C-GET (dicomnode get)" in out
+    assert "PACS -> us: the C-STORE sub-operations of our C-MOVE" in out
+
+
+# A restricted policy: CT only, uncompressed.
+RESTRICTED = {
+    "accept": [
+        {"sop_classes": ["verification"], "transfer_syntaxes": ["ExplicitVRLittleEndian"]},
+        {"sop_classes": ["CTImageStorage"], "transfer_syntaxes": ["uncompressed"]},
+    ],
+}
+J2K_SCANNER = {
+    "device": {"name": "J2K CT", "ae_title": "J2K_CT"},
+    "propose": [
+        {"sop_classes": ["Verification"], "transfer_syntaxes": ["ImplicitVRLittleEndian"]},
+        {"sop_classes": ["CTImageStorage"], "transfer_syntaxes": ["JPEG2000Lossless"]},
+    ],
+}
+
+
+def test_scanner_sending_jpeg2000_to_a_restricted_policy(tmp_path: Path) -> None:
+    ours = write(tmp_path / "ours.yaml", RESTRICTED)
+    theirs = write(tmp_path / "theirs.yaml", J2K_SCANNER)
+    code, text, _ = run_check(ours, theirs)
+    out = flat(text)
+    assert code == 2
+    assert "MISMATCH CTImageStorage: rejected: J2K_CT offers JPEG2000Lossless" in out
+    assert "instances of CTImageStorage from J2K_CT will be rejected" in out
+    assert "add JPEG2000Lossless to the transfer_syntaxes of the rule for CTImageStorage" in out
+    # Verification is offered only in implicit VR, which we do not accept either.
+    assert "C-ECHO from J2K_CT fails" in out
+    assert "Result: 2 mismatches, 0 gaps, 0 notes: exit 2 (FAILURE" in out
+
+    # The suggested YAML, appended to our file as it says, makes the check pass.
+    _, report = check_json(ours, theirs)
+    data = copy.deepcopy(RESTRICTED)
+    for f in findings(report, "them_to_us", "mismatch"):
+        assert f["fix_by"] == "ours"
+        data["accept"] += yaml.safe_load(f["yaml_change"])["accept"]
+    assert run_check(write(ours, data), theirs)[0] == 0
+
+
+def test_fallback_context_is_a_note_not_a_mismatch(tmp_path: Path) -> None:
+    ours = write(tmp_path / "ours.yaml", RESTRICTED)
+    scanner = copy.deepcopy(J2K_SCANNER)
+    scanner["propose"] = [
+        {"sop_classes": ["CTImageStorage"], "transfer_syntaxes": ["JPEG2000Lossless"]},
+        {"sop_classes": ["CTImageStorage"], "transfer_syntaxes": ["ExplicitVRLittleEndian"]},
+    ]
+    code, report = check_json(ours, write(tmp_path / "theirs.yaml", scanner))
+    assert code == 0
+    [note] = findings(report, "them_to_us", "note")
+    assert note["transfer_syntax"] == "ExplicitVRLittleEndian"
+    assert "JPEG2000Lossless is rejected" in note["summary"]
+
+
+def test_override_for_the_calling_ae_title_gets_the_suggestion(tmp_path: Path) -> None:
+    data = copy.deepcopy(DEFAULT_CONFORMANCE)
+    data["peers"] = {"J2K_CT": {"transfer_syntaxes": ["ExplicitVRLittleEndian"]}}
+    ours = write(tmp_path / "ours.yaml", data)
+    theirs = write(tmp_path / "theirs.yaml", J2K_SCANNER)
+    code, report = check_json(ours, theirs)
+    assert code == 2
+    assert report["profile"] == "the override peers.J2K_CT"
+    ct = next(
+        f
+        for f in findings(report, "them_to_us", "mismatch")
+        if f["sop_classes"] == ["CTImageStorage"]
+    )
+    change = yaml.safe_load(ct["yaml_change"])
+    assert change == {
+        "peers": {"J2K_CT": {"transfer_syntaxes": ["ExplicitVRLittleEndian", "JPEG2000Lossless"]}}
+    }
+    # Under another calling AE title the override does not apply.
+    assert check_json(ours, theirs, "--ae-title", "OTHER_CT")[0] == 0
+
+
+PACS_JPEG_ONLY = {
+    "device": {"ae_title": "JPEG_PACS"},
+    "accept": [
+        {"sop_classes": ["Verification"], "transfer_syntaxes": ["ImplicitVRLittleEndian"]},
+        {"sop_classes": ["CTImageStorage"], "transfer_syntaxes": ["JPEGBaseline8Bit"]},
+        {"sop_classes": ["MRImageStorage"], "transfer_syntaxes": ["ImplicitVRLittleEndian"]},
+        {
+            "sop_classes": [
+                "StudyRootQueryRetrieveInformationModelFind",
+                "StudyRootQueryRetrieveInformationModelGet",
+            ],
+            "transfer_syntaxes": ["ImplicitVRLittleEndian"],
+        },
+    ],
+    # It refuses our SCP role for CT (C-GET) and answers nothing for MR.
+    "roles": [{"sop_classes": ["CTImageStorage"], "scu": True, "scp": False}],
+}
+
+
+def test_peer_accepting_only_jpeg_for_what_we_hold_uncompressed(tmp_path: Path) -> None:
+    ours = write(tmp_path / "ours.yaml", RESTRICTED)
+    code, report = check_json(ours, write(tmp_path / "pacs.yaml", PACS_JPEG_ONLY))
+    assert code == 2
+    [ct] = findings(report, "storage_to_them", "mismatch")
+    assert ct["sop_classes"] == ["CTImageStorage"]
+    assert "JPEG_PACS accepts it only in JPEGBaseline8Bit" in ct["summary"]
+    assert "no lossless conversion fits" in ct["summary"]
+    assert "cannot be sent to JPEG_PACS: C-MOVE sub-operations" in ct["consequence"]
+    assert ct["fix_by"] == "peer"  # we hold CT only uncompressed: nothing to narrow
+
+
+def test_peer_refusing_the_scp_role_for_c_get(tmp_path: Path) -> None:
+    ours = write(tmp_path / "ours.yaml", DEFAULT_CONFORMANCE)
+    code, report = check_json(ours, write(tmp_path / "pacs.yaml", PACS_JPEG_ONLY))
+    assert code == 2
+    by_class = {f["sop_classes"][0]: f for f in findings(report, "get_from_them", "mismatch")}
+    assert "its roles rule answers scp: false" in by_class["CTImageStorage"]["summary"]
+    assert "no role selection reply" in by_class["MRImageStorage"]["summary"]
+    for f in by_class.values():
+        assert f["fix_by"] == "peer"
+        assert "dicomnode get from JPEG_PACS cannot bring back" in f["consequence"]
+    # Patient Root is not accepted: a note, since Study Root works.
+    notes = findings(report, "qr_to_them", "note")
+    assert any("dicomnode get --model patient fails" in f["summary"] for f in notes)
+    # Agreeing to the role (as the PACS example does) removes those mismatches.
+    fixed = copy.deepcopy(PACS_JPEG_ONLY)
+    fixed["roles"] = [{"sop_classes": ["storage"], "scu": True, "scp": True}]
+    _, report = check_json(ours, write(tmp_path / "pacs.yaml", fixed))
+    assert findings(report, "get_from_them", "mismatch") == []
+
+
+def test_stored_explicit_vr_to_an_implicit_only_peer(tmp_path: Path) -> None:
+    ours = write(
+        tmp_path / "ours.yaml",
+        {"accept": [{"sop_classes": ["MRImageStorage"], "transfer_syntaxes": ["uncompressed"]}]},
+    )
+    code, report = check_json(ours, write(tmp_path / "pacs.yaml", PACS_JPEG_ONLY))
+    assert code == 2
+    [mr] = findings(report, "storage_to_them", "mismatch")
+    # Big endian data gets an uncompressed little endian context too, explicit VR little endian
+    # only its own (dicomnode.retrieve): the check says so.
+    assert mr["summary"].startswith("held as ExplicitVRLittleEndian:")
+    assert "our C-MOVE proposes only the stored syntax" in mr["summary"]
+
+
+def test_c_get_by_them_needs_our_scp_role(tmp_path: Path) -> None:
+    data = copy.deepcopy(DEFAULT_CONFORMANCE)
+    data["roles"] = [{"sop_classes": ["storage"], "scu": True, "scp": False}]
+    ours = write(tmp_path / "ours.yaml", data)
+    code, report = check_json(ours, PEERS / "workstation_cget.yaml")
+    assert code == 2
+    role = [f for f in findings(report, "get_by_them", "mismatch") if "role" in f["summary"]]
+    assert role and "CTImageStorage" in role[0]["sop_classes"]
+    assert "VIEWER's C-GET cannot bring back instances" in role[0]["consequence"]
+    assert yaml.safe_load(role[0]["yaml_change"])["roles"][0]["scp"] is True
+
+
+def test_services_come_from_the_configuration(tmp_path: Path) -> None:
+    node = tmp_path / "dicomnode.yaml"
+    node.write_text("ae_title: DICOMNODE\nunknown_peers: [echo, store]\n", encoding="utf-8")
+    modality = PEERS / "worklist_modality.yaml"
+    result = CliRunner().invoke(
+        main,
+        [
+            "--config",
+            str(node),
+            "conformance",
+            "check",
+            str(CONFORMANCE),
+            str(modality),
+            "--format",
+            "yaml",
+        ],
+    )
+    assert result.exit_code == 2
+    report = yaml.safe_load(result.stdout)
+    assert report["services"] == ["echo", "store"]
+    bad = {f["sop_classes"][0]: f for f in findings(report, "them_to_us", "mismatch")}
+    assert set(bad) == {"ModalityWorklistInformationModelFind", "ModalityPerformedProcedureStep"}
+    assert bad["ModalityWorklistInformationModelFind"]["fix_by"] == "config"
+    assert "unknown_peers" in bad["ModalityWorklistInformationModelFind"]["suggestion"]
+    assert "cannot fetch its worklist" in bad["ModalityWorklistInformationModelFind"]["consequence"]
+    # --services overrides; without a configuration every service is allowed.
+    assert run_check(CONFORMANCE, modality, "--services", "echo,store,worklist,mpps")[0] == 0
+    assert run_check(CONFORMANCE, modality, "--services", "echo,store")[0] == 2
+    assert run_check(CONFORMANCE, modality)[0] == 0
+
+
+def test_strict_counts_gaps() -> None:
+    assert run_check(CONFORMANCE, PEERS / "pacs.yaml")[0] == 0
+    code, out, _ = run_check(CONFORMANCE, PEERS / "pacs.yaml", "--strict")
+    assert code == 2 and "our C-GET does not propose them" in flat(out)
+
+
+@pytest.mark.parametrize(
+    ("which", "content", "message"),
+    [
+        ("ours", "accept: []\n", "ours.yaml: accept: must be a non-empty list"),
+        ("ours", "acept: []\n", "unknown key 'acept'"),
+        (
+            "theirs",
+            "propose:\n  - {sop_classes: [CTImageStorage], transfer_syntaxes: [all], "
+            "role: master}\n",
+            "theirs.yaml: propose[0].role: must be one of scu, scp, both",
+        ),
+        ("theirs", "device: {ae_title: A_VERY_LONG_AE_TITLE}\n", "device.ae_title"),
+        ("theirs", "[", "not valid YAML"),
+    ],
+)
+def test_bad_files_exit_usage_naming_the_key(
+    tmp_path: Path, which: str, content: str, message: str
+) -> None:
+    ours = tmp_path / "ours.yaml"
+    theirs = tmp_path / "theirs.yaml"
+    write(ours, RESTRICTED)
+    write(theirs, J2K_SCANNER)
+    (ours if which == "ours" else theirs).write_text(content, encoding="utf-8")
+    code, out, err = run_check(ours, theirs)
+    assert code == 4  # ExitCode.USAGE
+    assert message in err and out == ""
+
+
+def test_missing_file_exits_usage(tmp_path: Path) -> None:
+    code, _, err = run_check(CONFORMANCE, tmp_path / "nope.yaml")
+    assert code == 4 and "cannot read the peer conformance file" in err

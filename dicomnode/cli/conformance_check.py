@@ -97,6 +97,7 @@ def check_cmd(
         click.echo(f"dicomnode: {exc}", err=True)
         sys.exit(ExitCode.USAGE)
     aet = (peer.device.ae_title if ae_title is None else ae_title).strip()
+    key = "peers.NAME.services, or unknown_peers"
     if services_opt is not None:
         services = _services(services_opt)
         source = "--services"
@@ -104,11 +105,8 @@ def check_cmd(
         config = state.config
         known = config.peer_by_ae_title(aet) if aet else None
         services = config.services_for(aet)
-        source = (
-            f"{state.config_path}: peers.{known.name}.services"
-            if known is not None
-            else f"{state.config_path}: unknown_peers"
-        )
+        key = f"peers.{known.name}.services" if known is not None else "unknown_peers"
+        source = f"{state.config_path}: {key}"
     else:
         services = ALL_SERVICES
         source = "no configuration given: all; --config applies its access rules"
@@ -120,6 +118,7 @@ def check_cmd(
         calling_ae_title=aet,
         services=services,
         services_source=source,
+        services_key=key,
     )
     if fmt == "text":
         click.echo(render_text(report, strict=strict, full=full), nl=False)

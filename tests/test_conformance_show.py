@@ -29,6 +29,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 from pynetdicom import AE, build_context, build_role
+from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation
 
 from dicomnode.config import Service, load_config
 from dicomnode.policy import SOP_CLASS_GROUPS, TRANSFER_SYNTAX_GROUPS, load_policy
@@ -300,9 +301,21 @@ def test_implementation_identity_is_what_the_node_announces(shown: Shown) -> Non
     name = table_value(shown.markdown, "Implementation Version Name")
     ae = AE(ae_title=CALLER)
     ae.add_requested_context(VERIFICATION, [EXPLICIT])
-    assoc = ae.associate(shown.node.host, shown.node.port, ae_title=shown.node.ae_title)
+    # The statement says asynchronous operations are not supported: a window asked for is
+    # answered with none (PS3.7 D.3.3.3), which leaves one operation at a time.
+    window = AsynchronousOperationsWindowNegotiation()
+    window.maximum_number_operations_invoked = window.maximum_number_operations_performed = 5
+    assert "Asynchronous Nature\n\nNot supported" in shown.markdown
+    assoc = ae.associate(
+        shown.node.host, shown.node.port, ae_title=shown.node.ae_title, ext_neg=[window]
+    )
     try:
         assert assoc.is_established
+        assert not [
+            item
+            for item in assoc.acceptor.user_information
+            if isinstance(item, AsynchronousOperationsWindowNegotiation)
+        ]
         assert assoc.acceptor.implementation_class_uid == uid
         assert assoc.acceptor.implementation_version_name == name
         announced = re.search(

@@ -546,7 +546,13 @@ def notes(result: ProbeResult) -> list[str]:
             + "; those lists are in our order"
         )
     storage = [e for uid, e in result.accepted().items() if uid not in SERVICE_CLASSES]
-    if result.options.roles and storage and not any(e.roles_proposed for e in storage):
+    options = result.options
+    if (
+        options.roles
+        and options.services
+        and storage
+        and not any(e.roles_proposed for e in storage)
+    ):
         lines.append("no C-GET model accepted: SCP/SCU role selection was not probed")
     unanswered = [e for e in storage if e.roles_proposed and e.scp_role is None]
     if unanswered:

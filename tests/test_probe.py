@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 from pydicom._uid_dict import UID_dictionary
+from pynetdicom import AE, acse, presentation
+from pynetdicom.presentation import build_context
 
 from dicomnode import probe
 from dicomnode.config import Config, Limits, Peer, Service
@@ -598,3 +601,63 @@ def test_probe_over_tls(tmp_path: Path) -> None:
     # Without --tls the same port answers no A-ASSOCIATE-AC: unreachable, nothing written.
     assert plain.returncode == ExitCode.UNREACHABLE, plain.stderr
     assert not (tmp_path / "plain.yaml").exists()
+
+
+# --- an acceptor that follows the proposer's order ------------------------------------------
+
+
+@contextmanager
+def pynetdicom_peer(follow_proposer: bool, monkeypatch: pytest.MonkeyPatch) -> Iterator[Peer]:
+    """A pynetdicom acceptor on a free loopback port accepting CT in the uncompressed syntaxes
+    (its own order: big endian first). With ``follow_proposer`` it picks, per context, the
+    first offered syntax it supports, as PS3.8 9.3.3.2 also allows (the choice is the
+    acceptor's), instead of its own first."""
+    if follow_proposer:
+        original = presentation.negotiate_as_acceptor
+
+        def negotiate(rq_contexts: Any, ac_contexts: Any, roles: Any = None) -> Any:
+            supported = {cx.abstract_syntax: cx for cx in ac_contexts}
+            results, replies = [], []
+            for rq in rq_contexts:
+                mine = supported.get(rq.abstract_syntax)
+                if mine is not None:
+                    order = [ts for ts in rq.transfer_syntax if ts in mine.transfer_syntax]
+                    mine = build_context(mine.abstract_syntax, order or mine.transfer_syntax)
+                answer, role_items = original([rq], [mine] if mine else [], roles)
+                results += answer
+                replies += role_items
+            return results, replies
+
+        monkeypatch.setattr(acse, "negotiate_as_acceptor", negotiate)
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_supported_context(CT, [EVRBE, EVRLE, IVRLE])
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    assert server is not None
+    try:
+        port = server.server_address[1]
+        yield Peer(name="pynetdicom", ae_title="PYNETDICOM", host="127.0.0.1", port=port)
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("follow_proposer", [False, True])
+def test_order_of_preference_or_the_proposers(
+    follow_proposer: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = probe.ProbeOptions(
+        sop_classes=(CT,), transfer_syntaxes=TRANSFER_SYNTAX_GROUPS["uncompressed"], services=False
+    )
+    with pynetdicom_peer(follow_proposer, monkeypatch) as peer:
+        result = probe.probe(api_config(), peer, options)
+    assert result.failure is None
+    found = result.classes[CT]
+    if follow_proposer:
+        # Forwards and reversed it picked differently: no order of its own is known, so the
+        # list is in our order and a note says why.
+        assert found.order is probe.Order.PROPOSER
+        assert found.accepted == (EVRLE, IVRLE, EVRBE)
+        assert any("proposer's order" in note for note in probe.notes(result))
+    else:
+        assert found.order is probe.Order.ACCEPTOR
+        assert found.accepted == (EVRBE, EVRLE, IVRLE)
+        assert probe.notes(result) == []

@@ -423,7 +423,7 @@ class Severity(IntEnum):
     MISMATCH = 3
 
 
-FIX_BY = ("ours", "config", "peer", "peer or ours", "dicomnode")
+FIX_BY = ("ours", "config", "peer", "peer or ours", "peer or dicomnode", "dicomnode")
 
 
 @dataclass(frozen=True)
@@ -493,13 +493,19 @@ class Finding:
     fix_by: str = ""
     suggestion: str = ""
     change: Change | None = None
+    # The transfer syntaxes the texts mean by "{syntaxes}".
+    syntaxes: tuple[str, ...] = ()
 
-    def text(self, value: str) -> str:
-        """``value`` with the class name in, or "these SOP classes" for more than one."""
+    def text(self, value: str, full: bool = True) -> str:
+        """``value`` with the class name in ("these SOP classes" for more than one) and the
+        transfer syntaxes (the first few and a count, unless ``full``)."""
         one = len(self.sop_classes) == 1
+        names = _syntax_names(self.syntaxes)
+        if not full and len(names) > 8:
+            names = [*names[:6], f"... ({len(names)} syntaxes; --all lists them)"]
         return value.replace(
             "{classes}", name_of(self.sop_classes[0]) if one else "these SOP classes"
-        )
+        ).replace("{syntaxes}", ", ".join(names))
 
     @property
     def yaml_change(self) -> str:
@@ -519,6 +525,7 @@ def merge(findings: Iterable[Finding]) -> tuple[Finding, ...]:
             f.fix_by,
             f.suggestion,
             f.change,
+            f.syntaxes,
         )
         if key in merged:
             old = merged[key]
@@ -715,8 +722,10 @@ def _class_outcome(
         _, decision, roles = good[0]
         ts = decision.transfer_syntax or ""
         roles_text = _roles_text(roles or (True, False), label, "we")
-        summary = f"accepted in {name_of(ts)}"
+        chosen = tuple(dict.fromkeys(d.transfer_syntax or "" for _, d, _ in good))
+        summary = f"accepted in {_names(chosen)}"
         if len(contexts) > 1:
+            # One transfer syntax per accepted context (PS3.8 9.3.3.2); it picks the context.
             summary += f" ({len(good)} of its {len(contexts)} contexts for it accepted)"
         good_syntaxes = {t for p, _, _ in good for t in p.transfer_syntaxes}
         refused = tuple(
@@ -858,7 +867,7 @@ def _deliver(stored: str, accepted: Iterable[str]) -> tuple[str | None, str]:
     return target, "decompressed"
 
 
-def _delivery_finding(
+def _delivery_findings(
     uid: str,
     held: tuple[str, ...],
     accepted_for: Callable[[str], tuple[str, ...]],
@@ -866,13 +875,14 @@ def _delivery_finding(
     label: str,
     get: bool,
     policy: Policy,
-) -> Finding:
+) -> list[Finding]:
     """How the instances of ``uid`` we may hold (in ``held``) reach the peer, whose accepted
     syntaxes for an instance stored in a given syntax ``accepted_for`` gives; ``get``: on its
-    C-GET association, else as C-MOVE sub-operations to it."""
+    C-GET association, else as C-MOVE sub-operations to it. One finding per kind of failure,
+    else one note for what is converted, else one ok."""
     as_stored: list[str] = []
-    converted: list[tuple[str, str, str]] = []
-    failing: list[tuple[str, str]] = []
+    converted: dict[tuple[str, str], list[str]] = {}
+    failing: dict[str, list[str]] = {}
     for ts in held:
         target, how = _deliver(ts, accepted_for(ts))
         if target is None and how == _NO_CONVERSION and _deliver(ts, their_list)[0] is not None:
@@ -880,66 +890,76 @@ def _delivery_finding(
             # context for it (dicomnode.retrieve adds no fallback for uncompressed data).
             how = _NOT_PROPOSED
         if target is None:
-            failing.append((ts, how))
+            failing.setdefault(how, []).append(ts)
         elif target == ts:
             as_stored.append(ts)
         else:
-            converted.append((ts, target, how))
+            converted.setdefault((how, target), []).append(ts)
     theirs = ", ".join(_syntax_names(their_list)) or "nothing"
-    if failing:
-        bad = tuple(ts for ts, _ in failing)
-        undecodable = tuple(ts for ts, why in failing if why == _NO_DECODER)
-        unproposed = tuple(ts for ts, why in failing if why == _NOT_PROPOSED)
-        others = tuple(ts for ts in bad if ts not in undecodable and ts not in unproposed)
-        whys = []
-        if unproposed:
-            whys.append(
-                f"for {', '.join(_syntax_names(unproposed))} our C-MOVE proposes only the stored "
-                "syntax (dicomnode.retrieve adds no other context for uncompressed little endian "
-                "data)"
-            )
-        if undecodable:
-            which = (
-                "them" if len(undecodable) == len(bad) else ", ".join(_syntax_names(undecodable))
-            )
-            whys.append(f"no decoder is installed here to decompress {which}")
-        if others:
-            which = f"for {', '.join(_syntax_names(others))} " if len(others) < len(bad) else ""
-            whys.append(f"{which}{_NO_CONVERSION}")
-        what = (
-            f"{label}'s C-GET sub-operations for them fail"
-            if get
-            else f"C-MOVE sub-operations to {label} fail for them (and dicomnode send of such "
-            "files)"
+    receives = (
+        f"{label}'s contexts for it were accepted in {theirs} only"
+        if get
+        else f"{label} accepts it only in {theirs}"
+    )
+    what = (
+        f"{label}'s C-GET sub-operations for them fail"
+        if get
+        else f"C-MOVE sub-operations to {label} fail for them (and dicomnode send of such files)"
+    )
+    base = policy.accept.get(uid)
+    findings: list[Finding] = []
+    for why, syntaxes in failing.items():
+        bad = tuple(syntaxes)
+        consequence = (
+            f"instances of {{classes}} we hold in those syntaxes cannot be sent to {label}: {what}"
         )
-        base = policy.accept.get(uid)
-        keep = tuple(t for t in (base.transfer_syntaxes if base else ()) if t not in bad)
-        return Finding(
-            Severity.MISMATCH,
-            (uid,),
-            f"held as {', '.join(_syntax_names(bad))}: "
-            + (
-                f"{label}'s contexts for it were accepted in {theirs} only"
-                if get
-                else f"{label} accepts it only in {theirs}"
+        if why == _NOT_PROPOSED:
+            findings.append(
+                Finding(
+                    Severity.MISMATCH,
+                    (uid,),
+                    f"held as {{syntaxes}}: {receives}, and for uncompressed little endian data "
+                    "our C-MOVE proposes only the stored syntax (dicomnode.retrieve), so the "
+                    "re-encoding dicomnode.transcode could make is never offered",
+                    consequence=consequence,
+                    fix_by="peer or dicomnode",
+                    suggestion=f"{label} can accept {{classes}} in {{syntaxes}} (implicit VR "
+                    "little endian is the default syntax every implementation supports, PS3.5 "
+                    "10.1); or dicomnode's C-MOVE would have to propose an uncompressed "
+                    "fallback context for uncompressed data too: not a YAML change",
+                    syntaxes=bad,
+                )
             )
-            + f"; {'; '.join(whys)}",
-            consequence=f"instances of {{classes}} we hold in those syntaxes cannot be sent to "
-            f"{label}: {what}",
-            fix_by="peer or ours" if keep else "peer",
-            suggestion=f"only {label} can take them (add those syntaxes for {{classes}} to its "
-            "accept list)"
-            + (
-                "; or we stop accepting {classes} in them (senders must then send another "
-                "syntax, if they can): append this rule to accept:"
-                if keep
-                else ""
-            ),
-            change=Change("accept", keep) if keep else None,
+            continue
+        keep = tuple(t for t in (base.transfer_syntaxes if base else ()) if t not in bad)
+        because = (
+            "no decoder is installed here to decompress them"
+            if why == _NO_DECODER
+            else _NO_CONVERSION
+        )
+        findings.append(
+            Finding(
+                Severity.MISMATCH,
+                (uid,),
+                f"held as {{syntaxes}}: {receives}; {because}",
+                consequence=consequence,
+                fix_by="peer or ours" if keep else "peer",
+                suggestion=f"only {label} can take them (add those syntaxes for {{classes}} to its "
+                "accept list)"
+                + (
+                    "; or we stop accepting {classes} in those syntaxes (senders must then send "
+                    "another one, if they can): append this rule to accept:"
+                    if keep
+                    else ""
+                ),
+                change=Change("accept", keep) if keep else None,
+                syntaxes=bad,
+            )
         )
     if converted:
         hows = "; ".join(
-            f"held as {name_of(ts)}: {how} to {name_of(target)}" for ts, target, how in converted
+            f"held as {', '.join(_syntax_names(tuple(tss)))}: {how} to {name_of(target)}"
+            for (how, target), tss in converted.items()
         )
         stored_part = (
             f"sent as stored in {', '.join(_syntax_names(tuple(as_stored)))}; " if as_stored else ""
@@ -950,20 +970,26 @@ def _delivery_finding(
             else "C-MOVE converts them, but dicomnode send sends files unchanged: sending such "
             f"files to {label} with it fails"
         )
-        return Finding(
-            Severity.NOTE,
-            (uid,),
-            f"{stored_part}{hows}",
-            consequence=consequence,
-            fix_by="peer",
-            suggestion=f"optional: {label} could accept {{classes}} in the syntaxes we hold",
+        findings.append(
+            Finding(
+                Severity.NOTE,
+                (uid,),
+                f"{stored_part}{hows}",
+                consequence=consequence,
+                fix_by="peer",
+                suggestion=f"optional: {label} could accept {{classes}} in the syntaxes we hold",
+            )
         )
-    return Finding(
-        Severity.OK,
-        (uid,),
-        f"sent as stored in every syntax we may hold it in ({len(held)})",
-        as_stored[0] if as_stored else None,
-    )
+    if findings:
+        return findings
+    return [
+        Finding(
+            Severity.OK,
+            (uid,),
+            f"sent as stored in every syntax we may hold it in ({len(held)})",
+            as_stored[0] if as_stored else None,
+        )
+    ]
 
 
 def _storage_to_them(ours: _Ours, peer: PeerConformance, label: str) -> list[Finding]:
@@ -985,16 +1011,8 @@ def _storage_to_them(ours: _Ours, peer: PeerConformance, label: str) -> list[Fin
                 if d.transfer_syntax is not None
             )
 
-        findings.append(
-            _delivery_finding(
-                uid,
-                held,
-                accepted_for,
-                accepted_class.transfer_syntaxes,
-                label,
-                False,
-                ours.policy,
-            )
+        findings += _delivery_findings(
+            uid, held, accepted_for, accepted_class.transfer_syntaxes, label, False, ours.policy
         )
     if not_taken:
         findings.append(
@@ -1267,8 +1285,8 @@ def _get_by_them(ours: _Ours, peer: PeerConformance, label: str) -> list[Finding
         ) -> tuple[str, ...]:
             return syntaxes  # its contexts are the same whatever the stored syntax
 
-        findings.append(
-            _delivery_finding(uid, held, accepted_for, on_its_contexts, label, True, ours.policy)
+        findings += _delivery_findings(
+            uid, held, accepted_for, on_its_contexts, label, True, ours.policy
         )
     if refused:
         # Why its Storage SCP contexts are of no use: our transfer syntaxes or our roles.
@@ -1460,6 +1478,7 @@ _FIX_WORDS = {
     "config": "fix in our dicomnode.yaml",
     "peer": "only the peer can change this",
     "peer or ours": "fix at the peer, or in our conformance YAML",
+    "peer or dicomnode": "fix at the peer, or in dicomnode's code",
     "dicomnode": "not a configuration matter",
 }
 _SEVERITY_WORDS = {
@@ -1520,7 +1539,7 @@ def render_text(report: CheckReport, *, strict: bool = False, full: bool = False
             )
         for f in section.findings:
             head = _class_list(f, full)
-            summary = f.text(f.summary)
+            summary = f.text(f.summary, full)
             what = f"{head}: {summary}" if f.sop_classes else summary
             if f.roles:
                 what += f"; {f.roles}"
@@ -1530,7 +1549,7 @@ def render_text(report: CheckReport, *, strict: bool = False, full: bool = False
                 (_FIX_WORDS.get(f.fix_by, "fix"), f.suggestion),
             ):
                 if text and (f.severity > Severity.OK):
-                    lines += wrap.wrap(" " * 12 + f"{label}: {f.text(text)}")
+                    lines += wrap.wrap(" " * 12 + f"{label}: {f.text(text, full)}")
             if f.change is not None and f.severity > Severity.OK:
                 lines += [" " * 14 + line for line in f.change.yaml(f.sop_classes).splitlines()]
     code = exit_code(report, strict)

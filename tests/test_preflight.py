@@ -548,3 +548,48 @@ def test_bad_files_exit_usage_naming_the_key(
 def test_missing_file_exits_usage(tmp_path: Path) -> None:
     code, _, err = run_check(CONFORMANCE, tmp_path / "nope.yaml")
     assert code == 4 and "cannot read the peer conformance file" in err
+
+
+def test_probed_storage_scp_against_the_reference_policy(tmp_path: Path) -> None:
+    # What `dicomnode probe` writes for a storescp that takes CT and MR in JPEG 2000 lossless and
+    # explicit VR little endian only.
+    probed = {
+        "device": {
+            "name": "RSCP@127.0.0.1:11990",
+            "ae_title": "RSCP",
+            "max_pdu_size": 16384,
+            "implementation_class_uid": "1.2.276.0.7230010.3.0.3.6.7",
+            "implementation_version_name": "OFFIS_DCMTK_367",
+            "probed": {"host": "127.0.0.1", "port": "11990", "at": "2026-12-02T16:45:38Z"},
+        },
+        "accept": [
+            {"sop_classes": ["Verification"], "transfer_syntaxes": ["ExplicitVRLittleEndian"]},
+            {
+                "sop_classes": ["CTImageStorage", "MRImageStorage"],
+                "transfer_syntaxes": ["JPEG2000Lossless", "ExplicitVRLittleEndian"],
+            },
+        ],
+    }
+    code, report = check_json(CONFORMANCE, write(tmp_path / "rscp.yaml", probed))
+    assert code == 2
+    assert report["peer"]["implementation_version_name"] == "OFFIS_DCMTK_367"
+    mismatches = findings(report, "storage_to_them", "mismatch")
+    by_fix = {f["fix_by"]: f for f in mismatches}
+    assert set(by_fix) == {"peer or dicomnode", "peer or ours"}
+    # Implicit VR data: our C-MOVE offers no other context for it.
+    implicit = by_fix["peer or dicomnode"]
+    assert implicit["sop_classes"] == ["CTImageStorage", "MRImageStorage"]
+    assert implicit["summary"].startswith("held as ImplicitVRLittleEndian:")
+    assert "yaml_change" not in implicit
+    # Video and other syntaxes we cannot decompress: narrowing our accept list is offered.
+    undecodable = by_fix["peer or ours"]
+    assert "no decoder is installed here" in undecodable["summary"]
+    kept = yaml.safe_load(undecodable["yaml_change"])["accept"][0]["transfer_syntaxes"]
+    assert "MPEG4HP41" not in kept and "JPEG2000" in kept
+    # What we can convert is a note: decompressed by C-MOVE, never by dicomnode send.
+    [note] = findings(report, "storage_to_them", "note")
+    assert "JPEG2000, HTJ2KLossless" in note["summary"]
+    assert "decompressed to ExplicitVRLittleEndian" in note["summary"]
+    assert "dicomnode send sends files unchanged" in note["consequence"]
+    [gap] = findings(report, "storage_to_them", "gap")
+    assert "SecondaryCaptureImageStorage" in gap["sop_classes"]

@@ -594,7 +594,7 @@ def summary(result: ProbeResult) -> list[str]:
     services = [
         uid_name(uid) for uid in SERVICE_CLASSES if uid in accepted and uid != _VERIFICATION
     ]
-    lines.append(f"  services: {_names(services, 20) if services else 'none'}")
+    lines.append(f"  Q/R, worklist, MPPS: {_names(services, 20) if services else 'none'}")
     probed = [uid for uid in result.classes if uid not in SERVICE_CLASSES]
     storage = [uid for uid in probed if uid in accepted]
     if probed:

@@ -30,6 +30,7 @@ import textwrap
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -608,6 +609,7 @@ def _names(uids: Iterable[str]) -> str:
     return ", ".join(name_of(uid) for uid in uids) or "none"
 
 
+@cache
 def can_decompress(transfer_syntax: str) -> bool:
     """Whether ``dicomnode.transcode`` can decompress pixel data in ``transfer_syntax`` here
     (pydicom has a decoder for it and one of its plugins is installed)."""
@@ -676,13 +678,21 @@ def _accept_change(ours: _Ours, uid: str, add: tuple[str, ...]) -> tuple[str, Ch
             )
             return words, Change(f"peers.{aet}.transfer_syntaxes", syntaxes)
     syntaxes = tuple(dict.fromkeys((*(base.transfer_syntaxes if base else ()), *add)))
+    also = ""
+    if override is not None and override.transfer_syntaxes is not None:
+        missing = tuple(ts for ts in add if ts not in override.transfer_syntaxes)
+        if missing:
+            also = (
+                f"; and add {_names(missing)} to peers.{aet}.transfer_syntaxes (the override "
+                "narrows every SOP class to those)"
+            )
     if base is None:
-        return "accept {classes}: append this rule to accept:", Change("accept", syntaxes)
+        return f"accept {{classes}}{also}: append this rule to accept:", Change("accept", syntaxes)
     words = (
         f"add {_names(add)} to the transfer_syntaxes of the rule for {{classes}} in accept: "
         f"append this rule {later}"
     )
-    return words, Change("accept", syntaxes)
+    return words + also, Change("accept", syntaxes)
 
 
 def _them_to_us(
@@ -780,7 +790,10 @@ def _class_outcome(
             change=Change("roles", scu=True, scp=True),
         )
     reason = contexts[0][1].reason
-    severity = Severity.GAP if assumed and accepted_class is None else Severity.MISMATCH
+    # Assumed proposals (a C-MOVE source that may hold anything) of a class no rule of ours
+    # covers are a gap; refused by our access rules or an override they are a mismatch.
+    unknown_to_us = uid not in ours.policy.sop_classes()
+    severity = Severity.GAP if assumed and unknown_to_us else Severity.MISMATCH
     if accepted_class is None:
         service = service_of(uid)
         if service is not None and "may not use" in reason:

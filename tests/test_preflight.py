@@ -593,3 +593,14 @@ def test_probed_storage_scp_against_the_reference_policy(tmp_path: Path) -> None
     assert "dicomnode send sends files unchanged" in note["consequence"]
     [gap] = findings(report, "storage_to_them", "gap")
     assert "SecondaryCaptureImageStorage" in gap["sop_classes"]
+
+
+def test_c_move_sub_operations_refused_by_our_access_rules() -> None:
+    # The PACS sends the instances of our C-MOVE back as Storage SCU; if dicomnode.yaml does not
+    # let its AE title store, every one of them is refused.
+    code, report = check_json(CONFORMANCE, PEERS / "pacs.yaml", "--services", "echo,find,move,get")
+    assert code == 2
+    [refused] = findings(report, "move_subops_to_us", "mismatch")
+    assert "CTImageStorage" in refused["sop_classes"]
+    assert refused["fix_by"] == "config"
+    assert "allow the 'store' service" in refused["suggestion"]

@@ -82,7 +82,10 @@ class InstanceFactory:
             self.made += 1
             ds.InstanceNumber = self.made
             path = self.workdir / f"{self.made:05d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
+            # Encoded in memory and written at once: pydicom writes a file element by element.
+            buffer = BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            path.write_bytes(buffer.getvalue())
             out.append(
                 Sent(
                     path,

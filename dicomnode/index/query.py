@@ -7,8 +7,9 @@ single value. Each key then matches as its kind in ``attributes.ATTRIBUTES`` say
 - universal (empty value): matches everything, the value is returned;
 - single value; list of UIDs (``a\\b``) for UIDs; wildcards ``*`` and ``?`` for text and names,
   where every other character is literal (SQL GLOB, parameters bound, ``[`` escaped);
-- ranges for dates and times (``20240101-``, ``-20240131``, ``20240101-20240131``), and StudyDate
-  with StudyTime as one date-time range (C.2.2.2.5.1);
+- ranges for dates and times (``20240101-``, ``-20240131``, ``20240101-20240131``); StudyDate
+  and StudyTime each match on their own (C.2.2.2.5.1: a combined date-time range is only for
+  callers that negotiate it by SOP Class Extended Negotiation, which the node does not offer);
 - person names case-insensitively by default, per component group (a query without ``=`` may
   match the alphabetic, ideographic or phonetic group).
 

@@ -1362,7 +1362,15 @@ def check(
         return None
 
     sections: list[Section] = []
-    calls = [p for p in peer.propose if p.role != "scp"]
+    # Its C-GET from us, if we accept a GET model it proposes: its storage contexts with role scp
+    # are judged there, against what we hold; otherwise with the rest of what it proposes.
+    gets = [
+        p
+        for p in peer.propose
+        if service_of(p.sop_class) is Service.GET
+        and side.profile.decide(1, p.sop_class, p.transfer_syntaxes).accepted
+    ]
+    calls = [p for p in peer.propose if not gets or p.role != "scp"]
     sections.append(
         Section(
             "them_to_us",
@@ -1453,12 +1461,6 @@ def check(
                     merge(_get_from_them(peer, label, get_uid)),
                 )
             )
-    gets = [
-        p
-        for p in calls
-        if service_of(p.sop_class) is Service.GET
-        and side.profile.decide(1, p.sop_class, p.transfer_syntaxes).accepted
-    ]
     if gets:
         sections.append(
             Section(

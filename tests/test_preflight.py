@@ -15,10 +15,13 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
+from pynetdicom import AE
+from pynetdicom.presentation import build_role
 
 from dicomnode.cli import main
 from dicomnode.policy import DEFAULT_CONFORMANCE, SOP_CLASS_GROUPS, AcceptedClass, ConformanceError
 from dicomnode.preflight import (
+    _KEYWORD_UID,
     Device,
     PeerConformance,
     Proposal,
@@ -27,6 +30,7 @@ from dicomnode.preflight import (
     negotiate_roles,
     parse_peer_conformance,
 )
+from tests.support.node import run_node
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS = REPO / "config" / "peers"
@@ -604,3 +608,109 @@ def test_c_move_sub_operations_refused_by_our_access_rules() -> None:
     assert "CTImageStorage" in refused["sop_classes"]
     assert refused["fix_by"] == "config"
     assert "allow the 'store' service" in refused["suggestion"]
+
+
+# --- the simulation against a real association with our node ------------------------------------
+
+HONEST_OURS = {
+    "accept": [
+        {"sop_classes": ["verification"], "transfer_syntaxes": ["ExplicitVRLittleEndian"]},
+        {"sop_classes": ["storage"], "transfer_syntaxes": ["uncompressed"]},
+        {
+            "sop_classes": ["MRImageStorage"],
+            "transfer_syntaxes": ["JPEG2000Lossless", "uncompressed"],
+        },
+        {
+            "sop_classes": ["StudyRootQueryRetrieveInformationModelFind"],
+            "transfer_syntaxes": ["ImplicitVRLittleEndian"],
+        },
+    ],
+    "roles": [
+        {"sop_classes": ["storage"], "scu": True, "scp": True},
+        {"sop_classes": ["UltrasoundImageStorage"], "scu": True, "scp": False},
+    ],
+}
+HONEST_PEER = {
+    "device": {"ae_title": "HONEST"},
+    "propose": [
+        {"sop_classes": ["Verification"], "transfer_syntaxes": ["ImplicitVRLittleEndian"]},
+        {"sop_classes": ["CTImageStorage"], "transfer_syntaxes": ["JPEG2000Lossless"]},
+        {
+            "sop_classes": ["MRImageStorage"],
+            "transfer_syntaxes": ["ExplicitVRLittleEndian", "JPEG2000Lossless"],
+        },
+        {
+            "sop_classes": ["SecondaryCaptureImageStorage"],
+            "transfer_syntaxes": ["ImplicitVRLittleEndian", "ExplicitVRLittleEndian"],
+        },
+        {
+            "sop_classes": ["StudyRootQueryRetrieveInformationModelFind"],
+            "transfer_syntaxes": ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"],
+        },
+        {
+            "sop_classes": ["StudyRootQueryRetrieveInformationModelGet"],
+            "transfer_syntaxes": ["ImplicitVRLittleEndian"],
+        },
+        {
+            "sop_classes": ["UltrasoundImageStorage", "ComputedRadiographyImageStorage"],
+            "transfer_syntaxes": ["ExplicitVRLittleEndian"],
+            "role": "scp",
+        },
+    ],
+}
+
+
+def test_the_simulation_is_what_our_node_negotiates(tmp_path: Path) -> None:
+    """Every context HONEST proposes, proposed for real to a node running HONEST_OURS: what
+    check predicts per SOP class (accepted syntax, or a mismatch) is what the node does."""
+    peer = parse_peer_conformance(HONEST_PEER)
+    with run_node(
+        tmp_path / "node", conformance=HONEST_OURS, unknown_peers=["echo", "store", "find"]
+    ) as node:
+        code, report = check_json(
+            tmp_path / "node" / "conformance.yaml",
+            write(tmp_path / "honest.yaml", HONEST_PEER),
+            "--config",
+            str(node.config_path),
+        )
+        ae = AE(ae_title="HONEST")
+        for proposal in peer.propose:
+            ae.add_requested_context(proposal.sop_class, list(proposal.transfer_syntaxes))
+        roles = [
+            build_role(p.sop_class, scu_role=False, scp_role=True)
+            for p in peer.propose
+            if p.role == "scp"
+        ]
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, ext_neg=roles)
+        try:
+            assert assoc.is_established
+            real: dict[str, str | None] = {p.sop_class: None for p in peer.propose}
+            for cx in assoc.accepted_contexts:
+                # A C-GET requestor's storage context is of use when it got the SCP role.
+                wanted_scp = any(p.sop_class == cx.abstract_syntax and p.role for p in peer.propose)
+                if cx.as_scp if wanted_scp else cx.as_scu:
+                    real[str(cx.abstract_syntax)] = str(cx.transfer_syntax[0])
+        finally:
+            assoc.release()
+    predicted: dict[str, str | None] = {}
+    for section in report["sections"]:
+        if section["key"] not in ("them_to_us", "get_by_them"):
+            continue
+        for f in section["findings"]:
+            for name in f["sop_classes"]:
+                uid = _KEYWORD_UID[name]
+                if f["severity"] in ("ok", "note") and section["key"] == "them_to_us":
+                    predicted[uid] = _KEYWORD_UID[f["transfer_syntax"]]
+                elif f["severity"] == "mismatch":
+                    predicted[uid] = None
+    # Some answers are worth spelling out: CT only as JPEG 2000 is refused; MR gets our first
+    # preference among what was offered; the GET model is refused by our access rules; the SCP
+    # role for US is refused by our roles rule, for CR agreed.
+    assert real[CT] is None and real[MR] == J2K_LOSSLESS
+    assert real["1.2.840.10008.5.1.4.1.1.7"] == EXPLICIT  # Secondary Capture: our order
+    assert real["1.2.840.10008.5.1.4.1.2.2.3"] is None  # Study Root GET
+    assert real["1.2.840.10008.5.1.4.1.1.6.1"] is None  # Ultrasound: SCP role refused
+    assert real["1.2.840.10008.5.1.4.1.1.1"] == EXPLICIT  # CR: SCP role agreed
+    assert code == 2
+    for uid, syntax in real.items():
+        assert predicted.get(uid, "missing") == syntax, uid

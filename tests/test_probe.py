@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from pydicom._uid_dict import UID_dictionary
+from pydicom.data import get_testdata_file
 from pynetdicom import AE, acse, presentation
 from pynetdicom.presentation import build_context
 
@@ -268,6 +269,29 @@ def test_check_reads_what_probe_wrote(restricted: Endpoint, tmp_path: Path) -> N
     code, report = check(None)
     assert code == ExitCode.FAILURE
     assert any("CTImageStorage" in f["sop_classes"] for f in mismatches(report))
+
+
+def test_held_probes_the_classes_we_hold(restricted: Endpoint, tmp_path: Path) -> None:
+    """--held: the SOP classes of what our index holds (here one CT image), not the policy's:
+    the peer also accepts MR, but we hold none, so MR is not asked about."""
+    with run_node(tmp_path / "node") as ours:
+        sent = ours.cli("send", ours.address, str(get_testdata_file("CT_small.dcm")))
+        assert sent.returncode == ExitCode.SUCCESS, sent.stderr
+        out = tmp_path / "held.yaml"
+        done = ours.cli("probe", restricted.address, "--held", "--output", str(out))
+    assert done.returncode == ExitCode.SUCCESS, done.stderr
+    peer = parse_peer_conformance(yaml.safe_load(out.read_text(encoding="utf-8")))
+    assert syntaxes(peer) == {
+        VERIFICATION: RESTRICTED_ACCEPTS[VERIFICATION],
+        CT: (J2K_LOSSLESS, EVRLE),
+    }
+    assert "1 of 1 SOP classes accepted" in done.stderr
+    # No index yet: a usage error, and none is created.
+    config = write_config(tmp_path / "scu.yaml")
+    empty = run_cli(config, "probe", restricted.address, "--held")
+    assert empty.returncode == ExitCode.USAGE
+    assert "no index at" in empty.stderr
+    assert not (tmp_path / "var").exists()
 
 
 def test_smaller_batches_find_the_same(restricted: Endpoint) -> None:

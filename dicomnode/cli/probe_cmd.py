@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
 from dicomnode import probe, scu
 from dicomnode.cli import CliState, pass_state, with_config
 from dicomnode.cli.scu_cmds import _peer, _setup, tls_option
-from dicomnode.config import read_yaml
+from dicomnode.config import Config, read_yaml
+from dicomnode.index import Index, IndexError_
+from dicomnode.index.models import Instance
 from dicomnode.policy import (
     SOP_CLASS_GROUPS,
     TRANSFER_SYNTAX_GROUPS,
@@ -53,6 +56,29 @@ def _classes_from(path: Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*peer.accept, *(p.sop_class for p in peer.propose)]))
 
 
+def _held_classes(config: Config) -> tuple[str, ...]:
+    """The distinct SOP classes of the instances in our index (read, never created)."""
+    if not config.database.exists():
+        click.echo(f"dicomnode probe: --held: no index at {config.database}", err=True)
+        sys.exit(ExitCode.USAGE)
+    index = Index(config.database, config.database_busy_timeout)
+    try:
+        index.open()
+        with index.reading():
+            query = Instance.select(Instance.sop_class_uid).distinct().tuples()
+            rows = cast(Iterable[tuple[Any, ...]], query)
+            uids = tuple(sorted(str(row[0]) for row in rows))
+    except IndexError_ as exc:
+        click.echo(f"dicomnode probe: --held: {exc}", err=True)
+        sys.exit(ExitCode.FAILURE)
+    finally:
+        index.close()
+    if not uids:
+        click.echo(f"dicomnode probe: --held: the index {config.database} holds nothing", err=True)
+        sys.exit(ExitCode.USAGE)
+    return uids
+
+
 @click.command("probe")
 @with_config
 @click.argument("peer")
@@ -82,6 +108,12 @@ def _classes_from(path: Path) -> tuple[str, ...]:
     metavar="YAML",
     help="Probe the SOP classes a conformance YAML names (our policy form, or a peer "
     "conformance such as config/peers/*.yaml: its accept and propose lists). Repeatable.",
+)
+@click.option(
+    "--held",
+    is_flag=True,
+    help="Probe the SOP classes of the instances our index holds (what C-MOVE and C-GET would "
+    "send to PEER).",
 )
 @click.option(
     "--transfer-syntax",
@@ -123,6 +155,7 @@ def probe_cmd(
     output: Path,
     sop_classes: tuple[str, ...] | None,
     classes_from: tuple[Path, ...],
+    held: bool,
     transfer_syntaxes: tuple[str, ...] | None,
     exhaustive: bool,
     preference_depth: int | None,
@@ -133,7 +166,8 @@ def probe_cmd(
     YAML (the form `dicomnode conformance check` reads).
 
     Probes Verification (one C-ECHO), the Query/Retrieve, Modality Worklist and MPPS models,
-    every storage SOP class our conformance policy accepts (or those given) with every
+    every storage SOP class our conformance policy accepts (or those given, or those of the
+    instances we hold) with every
     candidate transfer syntax, one presentation context per pair, in associations of at most
     128 contexts; then the peer's order of preference and, when it accepts a C-GET model, the
     SCP/SCU role selection it agrees to for storage. Also records its maximum PDU size and
@@ -151,6 +185,8 @@ def probe_cmd(
     try:
         for path in classes_from:
             classes.update(dict.fromkeys(_classes_from(path)))
+        if held:
+            classes.update(dict.fromkeys(_held_classes(config)))
         if not classes:
             policy = load_policy(config.conformance)
             classes = {uid: None for uid in policy.accept if uid not in probe.SERVICE_CLASSES}

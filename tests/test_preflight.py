@@ -12,9 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import yaml
 from click.testing import CliRunner
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.presentation import build_role
 
@@ -30,6 +33,8 @@ from dicomnode.preflight import (
     negotiate_roles,
     parse_peer_conformance,
 )
+from tests.conftest import require_dcmtk
+from tests.support.dcmtk import storescp
 from tests.support.node import run_node
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +47,7 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 IMPLICIT = "1.2.840.10008.1.2"
 J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # StudyRootQueryRetrieveInformationModelMove
 
 # --- the schema ----------------------------------------------------------------------------------
 
@@ -714,3 +720,65 @@ def test_the_simulation_is_what_our_node_negotiates(tmp_path: Path) -> None:
     assert code == 2
     for uid, syntax in real.items():
         assert predicted.get(uid, "missing") == syntax, uid
+
+
+def test_c_move_prediction_holds_against_dcmtk(tmp_path: Path) -> None:
+    """check says an instance stored in explicit VR little endian cannot be C-MOVEd to a Storage
+    SCP that accepts only implicit VR little endian (dicomnode.retrieve proposes only the stored
+    syntax for it), and that one stored in implicit VR goes as stored. A real C-MOVE from our
+    node to DCMTK storescp +xi agrees."""
+    require_dcmtk("storescp")
+    ours = write(
+        tmp_path / "ours.yaml",
+        {
+            "accept": [
+                {"sop_classes": ["storage"], "transfer_syntaxes": ["uncompressed"]},
+                {"sop_classes": [STUDY_MOVE], "transfer_syntaxes": ["ExplicitVRLittleEndian"]},
+            ]
+        },
+    )
+    implicit_only = {
+        "device": {"ae_title": "IMPLICIT"},
+        "accept": [
+            {"sop_classes": ["storage"], "transfer_syntaxes": ["ImplicitVRLittleEndian"]},
+        ],
+    }
+    code, report = check_json(ours, write(tmp_path / "implicit.yaml", implicit_only))
+    assert code == 2
+    [explicit] = [
+        f
+        for f in findings(report, "storage_to_them", "mismatch")
+        if f["summary"].startswith("held as ExplicitVRLittleEndian:")
+    ]
+    assert {"CTImageStorage", "MRImageStorage"} <= set(explicit["sop_classes"])
+    assert "our C-MOVE proposes only the stored syntax" in explicit["summary"]
+    ct_path = Path(get_testdata_file("CT_small.dcm"))  # explicit VR little endian
+    mr_path = Path(get_testdata_file("MR_small_implicit.dcm"))  # implicit VR little endian
+    with (
+        storescp(tmp_path / "dest", aet="IMPLICIT", options=("+xi",)) as dest,
+        run_node(
+            tmp_path / "node",
+            conformance=yaml.safe_load(ours.read_text(encoding="utf-8")),
+            unknown_peers=["echo", "store", "move"],
+            peers={"IMPLICIT": {"ae_title": dest.aet, "host": dest.host, "port": dest.port}},
+        ) as node,
+    ):
+        done = node.cli("send", node.address, str(ct_path), str(mr_path))
+        assert done.returncode == 0, done.stdout + done.stderr
+        ae = AE(ae_title="MOVER")
+        ae.add_requested_context(STUDY_MOVE)
+        outcome: dict[str, tuple[int, int]] = {}
+        for path in (ct_path, mr_path):
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+            assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+            assert assoc.is_established
+            try:
+                *_, (status, _) = assoc.send_c_move(query, "IMPLICIT", STUDY_MOVE)
+            finally:
+                assoc.release()
+            completed = int(status.get("NumberOfCompletedSuboperations", 0))
+            failed = int(status.get("NumberOfFailedSuboperations", 0))
+            outcome[path.name] = (completed, failed)
+    assert outcome == {"CT_small.dcm": (0, 1), "MR_small_implicit.dcm": (1, 0)}

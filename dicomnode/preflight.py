@@ -22,6 +22,8 @@ The check (:func:`check`) simulates association negotiation between our policy a
 conformance in both directions, and :func:`render_text` / :func:`report_data` report it. Both
 are pure: no sockets, no files but the ones asked for; the contexts our SCU would propose are
 taken from ``dicomnode.scu`` and ``dicomnode.retrieve`` so the simulation cannot drift from them.
+Each finding is ok, note, gap or mismatch (:class:`Severity`); :func:`exit_code` is
+``ExitCode.FAILURE`` when a simulated negotiation fails (a mismatch; with ``strict``, a gap too).
 """
 
 from __future__ import annotations

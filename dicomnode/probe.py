@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 from pynetdicom.association import Association
@@ -74,19 +74,18 @@ _GET_MODELS = tuple(
     uid for uid in SOP_CLASS_GROUPS["query_retrieve"] if uid_name(uid).endswith("Get")
 )
 
-# PS3.8 9.3.3.2 Presentation Context item Result/Reason.
-ACCEPTANCE = 0
-USER_REJECTION = 1
-NO_REASON = 2
-ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
-TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
-RESULTS = {
-    ACCEPTANCE: "accepted",
-    USER_REJECTION: "user rejection",
-    NO_REASON: "no reason (provider rejection)",
-    ABSTRACT_SYNTAX_NOT_SUPPORTED: "abstract syntax not supported",
-    TRANSFER_SYNTAXES_NOT_SUPPORTED: "transfer syntaxes not supported",
-}
+
+class ContextResult(IntEnum):
+    """PS3.8 9.3.3.2: the Result/Reason of a Presentation Context item in an A-ASSOCIATE-AC."""
+
+    ACCEPTANCE = 0
+    USER_REJECTION = 1
+    NO_REASON = 2  # provider rejection
+    ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
+    TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
+
+    def describe(self) -> str:
+        return self.name.lower().replace("_", " ")
 
 
 class Order(StrEnum):
@@ -261,10 +260,10 @@ class _Prober:
         for i, offer in enumerate(offers):
             cx = by_id.get(2 * i + 1)
             if cx is None or str(cx.abstract_syntax) != offer.sop_class:
-                answers.append(_Answer(offer, NO_REASON, None))
+                answers.append(_Answer(offer, ContextResult.NO_REASON, None))
                 continue
-            result = int(cx.result if cx.result is not None else NO_REASON)
-            syntax = str(cx.transfer_syntax[0]) if result == ACCEPTANCE else None
+            result = int(cx.result if cx.result is not None else ContextResult.NO_REASON)
+            syntax = str(cx.transfer_syntax[0]) if result == ContextResult.ACCEPTANCE else None
             answers.append(_Answer(offer, result, syntax))
         return answers
 
@@ -316,7 +315,7 @@ def probe(
                 f"{name}: {opened} association{'' if opened == 1 else 's'} in "
                 f"{result.stage_seconds[name]:.2f} s"
             )
-            log.info("probe %s %s", peer.address, message)
+            log.debug("probe %s %s", peer.address, message)
             if progress is not None:
                 progress(message)
     except ProbeFailed as exc:
@@ -362,10 +361,13 @@ def _screen(prober: _Prober, result: ProbeResult, options: ProbeOptions) -> None
 def _needs_sweep(entry: ClassResult, options: ProbeOptions) -> bool:
     if not options.screen:
         return True
-    if entry.screen_result in (ABSTRACT_SYNTAX_NOT_SUPPORTED, TRANSFER_SYNTAXES_NOT_SUPPORTED):
+    if entry.screen_result in (
+        ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED,
+        ContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED,
+    ):
         return False  # it said why: nothing of this class (in our syntaxes) is accepted
     # Accepted with the only candidate: the sweep would ask the same question again.
-    return not (entry.screen_result == ACCEPTANCE and len(entry.candidates) == 1)
+    return not (entry.screen_result == ContextResult.ACCEPTANCE and len(entry.candidates) == 1)
 
 
 def _sweep(prober: _Prober, result: ProbeResult, options: ProbeOptions) -> None:
@@ -610,6 +612,19 @@ def summary(result: ProbeResult) -> list[str]:
                     (uid_name(ts) for ts in result.options.transfer_syntaxes if ts in syntaxes), 12
                 )
             )
+        # Why the others were not: the screening answer (PS3.8 9.3.3.2), else no pair accepted.
+        why: dict[str, list[str]] = {}
+        for uid in probed:
+            if uid not in accepted:
+                code = result.classes[uid].screen_result
+                reason = (
+                    ContextResult(code).describe()
+                    if code in set(ContextResult) and code != ContextResult.ACCEPTANCE
+                    else "no (class, transfer syntax) pair accepted"
+                )
+                why.setdefault(reason, []).append(uid_name(uid))
+        for reason, names in why.items():
+            lines.append(f"  not accepted, {reason}: {_names(names, 6)}")
     scp = [uid_name(uid) for uid in storage if accepted[uid].scp_role]
     if any(accepted[uid].roles_proposed for uid in storage):
         lines.append(f"  C-GET: agrees that we act as storage SCP for {len(scp)} of {len(storage)}")

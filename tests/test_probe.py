@@ -317,7 +317,10 @@ def test_exhaustive_sweep_agrees_with_screening(accept_all: Endpoint) -> None:
     found = {u: set(r.accepted) for u, r in screened.accepted().items()}
     assert found == {u: set(r.accepted) for u, r in exhaustive.accepted().items()}
     assert found == {CT: {EVRLE, IVRLE, J2K_LOSSLESS, RLE}, MR: {EVRLE, IVRLE, J2K_LOSSLESS, RLE}}
-    assert screened.classes[enhanced_rt].screen_result == probe.ABSTRACT_SYNTAX_NOT_SUPPORTED
+    assert (
+        screened.classes[enhanced_rt].screen_result
+        == probe.ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED
+    )
     # Same order of preference either way, and it is storescp's own (JPEG 2000 first).
     assert screened.classes[CT].accepted == exhaustive.classes[CT].accepted
     assert screened.classes[CT].accepted[0] == J2K_LOSSLESS

@@ -294,6 +294,23 @@ def test_held_probes_the_classes_we_hold(restricted: Endpoint, tmp_path: Path) -
     assert not (tmp_path / "var").exists()
 
 
+def test_why_a_class_is_not_accepted(restricted: Endpoint) -> None:
+    """The screening answer tells "not this class" (3) from "not in these syntaxes" (4)."""
+    options = probe.ProbeOptions(
+        sop_classes=(CT, US), transfer_syntaxes=(JPEGLS_LOSSLESS,), services=False
+    )
+    result = probe.probe(api_config(), as_peer(restricted), options)
+    assert result.failure is None and result.accepted() == {}
+    assert result.associations == 1  # nothing left to sweep
+    reasons = probe.ContextResult
+    assert result.classes[CT].screen_result == reasons.TRANSFER_SYNTAXES_NOT_SUPPORTED
+    assert result.classes[US].screen_result == reasons.ABSTRACT_SYNTAX_NOT_SUPPORTED
+    summary = "\n".join(probe.summary(result))
+    assert "not accepted, transfer syntaxes not supported: CTImageStorage" in summary
+    assert "not accepted, abstract syntax not supported: UltrasoundImageStorage" in summary
+    assert probe.peer_conformance(result).accept == {}
+
+
 def test_smaller_batches_find_the_same(restricted: Endpoint) -> None:
     """--batch 16: for devices that take fewer contexts; the same answers in more associations."""
     result = probe.probe(api_config(), as_peer(restricted), probe.ProbeOptions(batch=16))

@@ -345,6 +345,28 @@ def test_exhaustive_sweep_agrees_with_screening(accept_all: Endpoint) -> None:
     assert screened.contexts < exhaustive.contexts
 
 
+@pytest.mark.parametrize("depth", [0, 1, None])
+def test_preference_depth(accept_all: Endpoint, depth: int | None) -> None:
+    """--preference-depth N places the peer's first N choices, the rest in our order; 0 asks
+    nothing (our order). storescp +xa prefers JPEG 2000 lossless, then RLE, then explicit and
+    implicit VR little endian ([AnyTransferSyntax] in /etc/dcmtk/storescp.cfg)."""
+    options = probe.ProbeOptions(
+        sop_classes=(CT,),
+        transfer_syntaxes=(EVRLE, IVRLE, J2K_LOSSLESS, RLE),
+        services=False,
+        preference_depth=depth,
+    )
+    result = probe.probe(api_config(), as_peer(accept_all), options)
+    assert result.failure is None
+    found = result.classes[CT]
+    expected = {
+        0: ((EVRLE, IVRLE, J2K_LOSSLESS, RLE), probe.Order.UNPROBED),
+        1: ((J2K_LOSSLESS, EVRLE, IVRLE, RLE), probe.Order.PARTIAL),
+        None: ((J2K_LOSSLESS, RLE, EVRLE, IVRLE), probe.Order.ACCEPTOR),
+    }
+    assert (found.accepted, found.order) == expected[depth]
+
+
 # storescp +xa's order of preference, as DCMTK documents it in the [AnyTransferSyntax] list of
 # /etc/dcmtk/storescp.cfg (JPEG 2000 first ... uncompressed last).
 DCMTK_ANY_ORDER = (

@@ -13,13 +13,14 @@ The stages, each a few associations opened one after the other and released at o
    association also carries Verification, on which the C-ECHO is sent.
 2. **Sweep**: for every class left, one context per (class, transfer syntax) pair: an acceptor
    picks one syntax per context (PS3.8 9.3.2.2), so a context of one syntax tells exactly
-   whether that pair is accepted. Batches hold at most 128 contexts (PS3.8 9.3.2.2: context IDs
-   are the odd numbers 1-255).
+   whether that pair is accepted. Associations hold at most 128 contexts (PS3.8 9.3.2.2:
+   context IDs are the odd numbers 1-255; ``ProbeOptions.batch`` for devices taking fewer).
 3. **Preference**: the accepted set offered forwards and reversed; an acceptor choosing by its
    own preference picks the same syntax both times, one following the proposer's order does
    not (then the order is unknown and the list is written in our order). With a preference of
    its own, the chosen syntax is removed and the rest offered again, until the order is known
-   (or ``preference_depth`` syntaxes are placed; the rest follow in our order).
+   (or ``preference_depth`` syntaxes are placed; the rest follow in our order). Each class
+   asks one question at a time and each association carries questions of many classes.
 4. **Roles**: when a C-GET model is accepted, every accepted storage class is proposed again
    with an SCP/SCU Role Selection item asking for both roles (PS3.7 D.3.3.4), beside the C-GET
    model; the peer's reply items say which roles it agrees we take (C-GET needs us as SCP of

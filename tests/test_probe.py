@@ -22,12 +22,14 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from pydicom._uid_dict import UID_dictionary
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, acse, presentation
 from pynetdicom.presentation import build_context
 
 from dicomnode import probe
+from dicomnode.cli import main
 from dicomnode.config import Config, Limits, Peer, Service
 from dicomnode.identity import IMPLEMENTATION_CLASS_UID
 from dicomnode.policy import (
@@ -448,9 +450,13 @@ def test_bad_names_are_usage_errors(tmp_path: Path) -> None:
         ("--transfer-syntax", "CTImageStorage"),
         ("--sop-class", "ExplicitVRLittleEndian"),
     ):
-        result = run_cli(config, "probe", "X@127.0.0.1:104", *args)
-        assert result.returncode == ExitCode.USAGE, (args, result.stderr)
-        assert args[0] in result.stderr
+        # In-process: a usage error is found before any association is tried.
+        result = CliRunner().invoke(
+            main, ["--config", str(config), "probe", "X@127.0.0.1:104", *args]
+        )
+        assert result.exit_code == ExitCode.USAGE, (args, result.output)
+        assert args[0] in result.output
+        assert "unknown" in result.output
 
 
 # --- dcmqrscp: Query/Retrieve and C-GET role selection ---------------------------------------

@@ -219,58 +219,51 @@ def test_restricted_storescp_full_default_probe(
 
 
 def test_check_reads_what_probe_wrote(restricted: Endpoint, tmp_path: Path) -> None:
-    """The probed YAML is what ``conformance check`` reads: a policy holding CT only in syntaxes
-    the peer accepts passes; one that may hold CT as implicit VR little endian (which this peer
-    refuses for CT) is a mismatch; so is our default policy (everything, in every syntax)."""
+    """The probed YAML is what ``conformance check`` reads. A policy holding CT only in syntaxes
+    the peer accepts passes; adding a class the peer lacks (Ultrasound) is a gap, a mismatch
+    with --strict; our default policy (CT in every syntax, video ones included, which nothing
+    can turn into what this peer takes) is a mismatch."""
     config = write_config(tmp_path / "scu.yaml")
     theirs = tmp_path / "restricted.yaml"
-    probe_cli(config, restricted.address, theirs, "--sop-class", "CTImageStorage")
+    probe_cli(config, restricted.address, theirs)
 
-    def check(accept: list[dict[str, Any]] | None) -> tuple[int, dict[str, Any]]:
-        ours = Path(__file__).resolve().parent.parent / "config" / "conformance.yaml"
-        if accept is not None:
-            ours = tmp_path / f"ours{len(accept[-1]['transfer_syntaxes'])}.yaml"
-            ours.write_text(yaml.safe_dump({"accept": accept}), encoding="utf-8")
-        done = run_cli(config, "conformance", "check", ours, theirs, "--format", "json")
-        assert done.returncode in (ExitCode.SUCCESS, ExitCode.FAILURE), done.stderr
-        return done.returncode, json.loads(done.stdout)
+    def check(ours: Path, *options: str) -> tuple[int, list[dict[str, Any]]]:
+        args = ["conformance", "check", str(ours), str(theirs), "--format", "json", *options]
+        done = CliRunner().invoke(main, args)
+        assert done.exit_code in (ExitCode.SUCCESS, ExitCode.FAILURE), done.output
+        report = json.loads(done.stdout)
+        storage = [s for s in report["sections"] if s["key"] == "storage_to_them"]
+        return done.exit_code, [f for s in storage for f in s["findings"]]
 
-    def mismatches(report: dict[str, Any]) -> list[dict[str, Any]]:
-        return [
-            finding
-            for section in report["sections"]
-            if section["key"] == "storage_to_them"
-            for finding in section["findings"]
-            if finding["severity"] == "mismatch"
-        ]
+    def policy(name: str, *rules: dict[str, Any]) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        verification = {"sop_classes": ["Verification"], "transfer_syntaxes": [EVRLE]}
+        path.write_text(yaml.safe_dump({"accept": [verification, *rules]}), encoding="utf-8")
+        return path
 
-    verification = {
-        "sop_classes": ["Verification"],
-        "transfer_syntaxes": ["ExplicitVRLittleEndian"],
+    ct = {"sop_classes": ["CTImageStorage"], "transfer_syntaxes": [J2K_LOSSLESS, EVRLE]}
+    code, findings = check(policy("fits", ct))
+    assert code == ExitCode.SUCCESS, findings
+    assert [f["severity"] for f in findings] == ["ok"]
+    assert findings[0]["sop_classes"] == ["CTImageStorage"]
+
+    us = {"sop_classes": ["UltrasoundImageStorage"], "transfer_syntaxes": [EVRLE]}
+    with_us = policy("with_us", ct, us)
+    code, findings = check(with_us)
+    assert code == ExitCode.SUCCESS
+    assert {(f["severity"], tuple(f["sop_classes"])) for f in findings} == {
+        ("ok", ("CTImageStorage",)),
+        ("gap", ("UltrasoundImageStorage",)),
     }
-    fits = [
-        verification,
-        {
-            "sop_classes": ["CTImageStorage"],
-            "transfer_syntaxes": ["JPEG2000Lossless", "ExplicitVRLittleEndian"],
-        },
-    ]
-    code, report = check(fits)
-    assert code == ExitCode.SUCCESS, report
-    assert mismatches(report) == []
-
-    implicit = [verification, {"sop_classes": ["CTImageStorage"],
-                               "transfer_syntaxes": ["JPEG2000Lossless", "ExplicitVRLittleEndian",
-                                                     "ImplicitVRLittleEndian"]}]  # fmt: skip
-    code, report = check(implicit)
+    code, _ = check(with_us, "--strict")
     assert code == ExitCode.FAILURE
-    [finding] = mismatches(report)
-    assert finding["sop_classes"] == ["CTImageStorage"]
-    assert "ImplicitVRLittleEndian" in finding["summary"]
 
-    code, report = check(None)
+    default = Path(__file__).resolve().parent.parent / "config" / "conformance.yaml"
+    code, findings = check(default)
     assert code == ExitCode.FAILURE
-    assert any("CTImageStorage" in f["sop_classes"] for f in mismatches(report))
+    assert any(
+        f["severity"] == "mismatch" and "CTImageStorage" in f["sop_classes"] for f in findings
+    )
 
 
 def test_held_probes_the_classes_we_hold(restricted: Endpoint, tmp_path: Path) -> None:

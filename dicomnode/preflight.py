@@ -426,7 +426,7 @@ class Severity(IntEnum):
     MISMATCH = 3
 
 
-FIX_BY = ("ours", "config", "peer", "peer or ours", "peer or dicomnode", "dicomnode")
+FIX_BY = ("ours", "config", "peer", "peer or ours", "dicomnode")
 
 
 @dataclass(frozen=True)
@@ -861,7 +861,6 @@ def _move_contexts(sop_class: str, stored: str) -> list[tuple[str, tuple[str, ..
 
 _NO_DECODER = "no decoder"
 _NO_CONVERSION = "no lossless conversion fits (nothing is ever recompressed)"
-_NOT_PROPOSED = "not proposed"
 
 
 def _deliver(stored: str, accepted: Iterable[str]) -> tuple[str | None, str]:
@@ -900,10 +899,6 @@ def _delivery_findings(
     failing: dict[str, list[str]] = {}
     for ts in held:
         target, how = _deliver(ts, accepted_for(ts))
-        if target is None and how == _NO_CONVERSION and _deliver(ts, their_list)[0] is not None:
-            # A conversion we make would fit its accept list, but our SCU never proposes a
-            # context for it (dicomnode.retrieve adds no fallback for uncompressed data).
-            how = _NOT_PROPOSED
         if target is None:
             failing.setdefault(how, []).append(ts)
         elif target == ts:
@@ -928,24 +923,6 @@ def _delivery_findings(
         consequence = (
             f"instances of {{classes}} we hold in those syntaxes cannot be sent to {label}: {what}"
         )
-        if why == _NOT_PROPOSED:
-            findings.append(
-                Finding(
-                    Severity.MISMATCH,
-                    (uid,),
-                    f"held as {{syntaxes}}: {receives}, and for uncompressed little endian data "
-                    "our C-MOVE proposes only the stored syntax (dicomnode.retrieve), so the "
-                    "re-encoding dicomnode.transcode could make is never offered",
-                    consequence=consequence,
-                    fix_by="peer or dicomnode",
-                    suggestion=f"{label} can accept {{classes}} in {{syntaxes}} (implicit VR "
-                    "little endian is the default syntax every implementation supports, PS3.5 "
-                    "10.1); or dicomnode's C-MOVE would have to propose an uncompressed "
-                    "fallback context for uncompressed data too: not a YAML change",
-                    syntaxes=bad,
-                )
-            )
-            continue
         keep = tuple(t for t in (base.transfer_syntaxes if base else ()) if t not in bad)
         because = (
             "no decoder is installed here to decompress them"
@@ -1495,7 +1472,6 @@ _FIX_WORDS = {
     "config": "fix in our dicomnode.yaml",
     "peer": "only the peer can change this",
     "peer or ours": "fix at the peer, or in our conformance YAML",
-    "peer or dicomnode": "fix at the peer, or in dicomnode's code",
     "dicomnode": "not a configuration matter",
 }
 _SEVERITY_WORDS = {

@@ -731,19 +731,25 @@ def _batches(
 ) -> Iterable[tuple[list[StoredInstance], list[PresentationContext]]]:
     """Group instances into associations of at most 128 presentation contexts (PS3.8 9.3.2.2).
 
-    Each (SOP class, stored syntax) gets a context of its own, and a SOP class stored compressed
-    also an uncompressed little endian one, so the destination can take a decompressed copy when
-    it refuses the stored syntax. A SOP class's contexts never straddle two associations.
+    Each (SOP class, stored syntax) gets a context of its own, and a SOP class not already
+    proposed in both uncompressed little endian syntaxes also one offering the two, so the
+    destination can take a decompressed or re-encoded copy when it refuses the stored syntax (a
+    PACS that takes only implicit VR little endian, PS3.5 10.1, still gets what we hold as
+    explicit VR). A SOP class's contexts never straddle two associations.
     """
     needs: dict[str, list[str]] = {}
     for item in items:
         syntaxes = needs.setdefault(item.sop_class_uid, [])
         if item.transfer_syntax not in syntaxes:
             syntaxes.append(item.transfer_syntax)
+
+    def fallback(syntaxes: list[str]) -> bool:
+        return not set(_UNCOMPRESSED_LE) <= set(syntaxes)
+
     groups: list[list[str]] = [[]]
     sizes = [0]
     for sop_class, syntaxes in needs.items():
-        size = len(syntaxes) + (0 if all(s in _UNCOMPRESSED_LE for s in syntaxes) else 1)
+        size = len(syntaxes) + (1 if fallback(syntaxes) else 0)
         if sizes[-1] + size > scu.MAX_CONTEXTS_PER_ASSOCIATION:
             groups.append([])
             sizes.append(0)
@@ -756,7 +762,7 @@ def _batches(
         for sop_class in group:
             syntaxes = needs[sop_class]
             contexts += [build_context(sop_class, [ts]) for ts in syntaxes]
-            if not all(s in _UNCOMPRESSED_LE for s in syntaxes):
+            if fallback(syntaxes):
                 contexts.append(build_context(sop_class, list(_UNCOMPRESSED_LE)))
         yield batch, contexts
 

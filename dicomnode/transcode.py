@@ -242,8 +242,24 @@ def transcode(path: Path, target: str) -> Dataset:
             f"cannot transcode {where}: compressed data is only decompressed to explicit or "
             "implicit VR little endian (never recompressed)"
         )
-    ds.file_meta.TransferSyntaxUID = UID(target)
+    _take_encoding(ds, UID(target))
     return ds
+
+
+def _take_encoding(ds: Dataset, syntax: UID) -> None:
+    """Make ``ds`` a data set of ``syntax``, as if read in it: pynetdicom's C-STORE refuses one
+    whose encoding as read (explicit VR little endian, say) is not its Transfer Syntax UID's.
+
+    Every element is parsed first, and VRs left ambiguous by implicit VR resolved: pydicom's
+    writer copies still-unparsed elements as they were read when the data set's encoding is
+    the one it writes, which would put implicit VR bytes into an explicit VR stream.
+    """
+    correct_ambiguous_vr(ds, syntax.is_little_endian)
+    ds.walk(lambda _ds, _elem: None)  # parses every element, in sequence items too
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.set_original_encoding(
+        syntax.is_implicit_VR, syntax.is_little_endian, ds.original_character_set
+    )
 
 
 def _check_inflated_size(path: Path) -> None:

@@ -469,13 +469,16 @@ def test_stored_explicit_vr_to_an_implicit_only_peer(tmp_path: Path) -> None:
         tmp_path / "ours.yaml",
         {"accept": [{"sop_classes": ["MRImageStorage"], "transfer_syntaxes": ["uncompressed"]}]},
     )
-    code, report = check_json(ours, write(tmp_path / "pacs.yaml", PACS_JPEG_ONLY))
-    assert code == 2
-    [mr] = findings(report, "storage_to_them", "mismatch")
-    # Big endian data gets an uncompressed little endian context too, explicit VR little endian
-    # only its own (dicomnode.retrieve): the check says so.
-    assert mr["summary"].startswith("held as ExplicitVRLittleEndian:")
-    assert "our C-MOVE proposes only the stored syntax" in mr["summary"]
+    _, report = check_json(ours, write(tmp_path / "pacs.yaml", PACS_JPEG_ONLY))
+    # Our C-MOVE offers an uncompressed little endian context next to the stored syntax
+    # (dicomnode.retrieve), so what we hold in explicit VR or big endian goes re-encoded.
+    assert findings(report, "storage_to_them", "mismatch") == []
+    [mr] = findings(report, "storage_to_them", "note")
+    assert mr["sop_classes"] == ["MRImageStorage"]
+    assert mr["summary"] == (
+        "sent as stored in ImplicitVRLittleEndian; held as ExplicitVRLittleEndian, "
+        "ExplicitVRBigEndian: re-encoded to ImplicitVRLittleEndian"
+    )
 
 
 def test_c_get_by_them_needs_our_scp_role(tmp_path: Path) -> None:
@@ -585,12 +588,7 @@ def test_probed_storage_scp_against_the_reference_policy(tmp_path: Path) -> None
     assert report["peer"]["implementation_version_name"] == "OFFIS_DCMTK_367"
     mismatches = findings(report, "storage_to_them", "mismatch")
     by_fix = {f["fix_by"]: f for f in mismatches}
-    assert set(by_fix) == {"peer or dicomnode", "peer or ours"}
-    # Implicit VR data: our C-MOVE offers no other context for it.
-    implicit = by_fix["peer or dicomnode"]
-    assert implicit["sop_classes"] == ["CTImageStorage", "MRImageStorage"]
-    assert implicit["summary"].startswith("held as ImplicitVRLittleEndian:")
-    assert "yaml_change" not in implicit
+    assert set(by_fix) == {"peer or ours"}
     # Video and other syntaxes we cannot decompress: narrowing our accept list is offered.
     undecodable = by_fix["peer or ours"]
     assert "no decoder is installed here" in undecodable["summary"]
@@ -723,10 +721,10 @@ def test_the_simulation_is_what_our_node_negotiates(tmp_path: Path) -> None:
 
 
 def test_c_move_prediction_holds_against_dcmtk(tmp_path: Path) -> None:
-    """check says an instance stored in explicit VR little endian cannot be C-MOVEd to a Storage
-    SCP that accepts only implicit VR little endian (dicomnode.retrieve proposes only the stored
-    syntax for it), and that one stored in implicit VR goes as stored. A real C-MOVE from our
-    node to DCMTK storescp +xi agrees."""
+    """check says an instance stored in explicit VR little endian is C-MOVEd to a Storage SCP that
+    accepts only implicit VR little endian re-encoded (dicomnode.retrieve offers an uncompressed
+    context next to the stored syntax), and that one stored in implicit VR goes as stored. A
+    real C-MOVE from our node to DCMTK storescp +xi agrees."""
     require_dcmtk("storescp")
     ours = write(
         tmp_path / "ours.yaml",
@@ -743,15 +741,14 @@ def test_c_move_prediction_holds_against_dcmtk(tmp_path: Path) -> None:
             {"sop_classes": ["storage"], "transfer_syntaxes": ["ImplicitVRLittleEndian"]},
         ],
     }
-    code, report = check_json(ours, write(tmp_path / "implicit.yaml", implicit_only))
-    assert code == 2
-    [explicit] = [
-        f
-        for f in findings(report, "storage_to_them", "mismatch")
-        if f["summary"].startswith("held as ExplicitVRLittleEndian:")
-    ]
-    assert {"CTImageStorage", "MRImageStorage"} <= set(explicit["sop_classes"])
-    assert "our C-MOVE proposes only the stored syntax" in explicit["summary"]
+    _, report = check_json(ours, write(tmp_path / "implicit.yaml", implicit_only))
+    assert findings(report, "storage_to_them", "mismatch") == []
+    [converted] = findings(report, "storage_to_them", "note")
+    assert {"CTImageStorage", "MRImageStorage"} <= set(converted["sop_classes"])
+    assert converted["summary"] == (
+        "sent as stored in ImplicitVRLittleEndian; held as ExplicitVRLittleEndian, "
+        "ExplicitVRBigEndian: re-encoded to ImplicitVRLittleEndian"
+    )
     ct_path = Path(get_testdata_file("CT_small.dcm"))  # explicit VR little endian
     mr_path = Path(get_testdata_file("MR_small_implicit.dcm"))  # implicit VR little endian
     with (
@@ -781,4 +778,4 @@ def test_c_move_prediction_holds_against_dcmtk(tmp_path: Path) -> None:
             completed = int(status.get("NumberOfCompletedSuboperations", 0))
             failed = int(status.get("NumberOfFailedSuboperations", 0))
             outcome[path.name] = (completed, failed)
-    assert outcome == {"CT_small.dcm": (0, 1), "MR_small_implicit.dcm": (1, 0)}
+    assert outcome == {"CT_small.dcm": (1, 0), "MR_small_implicit.dcm": (1, 0)}

@@ -422,7 +422,10 @@ NATIVE_FILES = [
 def test_native_to_native(name: str, target: str, tmp_path: Path) -> None:
     path = TEST_FILES / name
     original = _read(path)
-    back = _write_and_read(transcode(path, target), tmp_path)
+    converted = transcode(path, target)
+    # What pynetdicom's C-STORE checks against the Transfer Syntax UID before it sends.
+    assert converted.original_encoding == (UID(target).is_implicit_VR, UID(target).is_little_endian)
+    back = _write_and_read(converted, tmp_path)
     assert back.file_meta.TransferSyntaxUID == target
     assert np.array_equal(back.pixel_array, original.pixel_array)
     for keyword in ("PatientName", "StudyInstanceUID", "SOPInstanceUID", "Rows", "Columns"):

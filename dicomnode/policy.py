@@ -121,7 +121,7 @@ _GROUPED_UIDS: Mapping[str, frozenset[str]] = {
 }
 
 
-def _resolve(
+def resolve_names(
     names: Any, groups: Mapping[str, tuple[str, ...]], kind: str, where: str
 ) -> tuple[str, ...]:
     """Expand keywords, UIDs and group names into UIDs, keeping the order and dropping repeats."""
@@ -291,7 +291,7 @@ class Policy:
 _TOP_KEYS = ("accept", "roles", "peers")
 
 
-def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+def check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
     for key in data:
         if key not in allowed:
             raise ConformanceError(
@@ -299,27 +299,39 @@ def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -
             )
 
 
-def _accept_list(rules: Any, where: str) -> dict[str, AcceptedClass]:
+def context_rule(
+    rule: Any, here: str, optional: tuple[str, ...] = ()
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The SOP class and transfer syntax UIDs of one rule (``sop_classes``, ``transfer_syntaxes``
+    and the ``optional`` keys, which the caller reads), in their order; the peer conformance
+    files of ``dicomnode.preflight`` use the same rules."""
+    if not isinstance(rule, dict):
+        maybe = f" (and optionally {', '.join(optional)})" if optional else ""
+        raise ConformanceError(
+            f"{here}: must be a mapping with sop_classes, transfer_syntaxes{maybe}"
+        )
+    check_keys(rule, ("sop_classes", "transfer_syntaxes", *optional), here)
+    for required in ("sop_classes", "transfer_syntaxes"):
+        if required not in rule:
+            raise ConformanceError(f"{here}: key {required!r} is required")
+    classes = resolve_names(
+        rule["sop_classes"], SOP_CLASS_GROUPS, "SOP class", f"{here}.sop_classes"
+    )
+    syntaxes = resolve_names(
+        rule["transfer_syntaxes"],
+        TRANSFER_SYNTAX_GROUPS,
+        "transfer syntax",
+        f"{here}.transfer_syntaxes",
+    )
+    return classes, syntaxes
+
+
+def accept_list(rules: Any, where: str) -> dict[str, AcceptedClass]:
     if not isinstance(rules, list) or not rules:
         raise ConformanceError(f"{where}: must be a non-empty list of rules")
     accepted: dict[str, AcceptedClass] = {}
     for i, rule in enumerate(rules):
-        here = f"{where}[{i}]"
-        if not isinstance(rule, dict):
-            raise ConformanceError(f"{here}: must be a mapping with sop_classes, transfer_syntaxes")
-        _check_keys(rule, ("sop_classes", "transfer_syntaxes"), here)
-        for required in ("sop_classes", "transfer_syntaxes"):
-            if required not in rule:
-                raise ConformanceError(f"{here}: key {required!r} is required")
-        classes = _resolve(
-            rule["sop_classes"], SOP_CLASS_GROUPS, "SOP class", f"{here}.sop_classes"
-        )
-        syntaxes = _resolve(
-            rule["transfer_syntaxes"],
-            TRANSFER_SYNTAX_GROUPS,
-            "transfer syntax",
-            f"{here}.transfer_syntaxes",
-        )
+        classes, syntaxes = context_rule(rule, f"{where}[{i}]")
         # A later rule for the same SOP class replaces the earlier one: "all storage, but CT only
         # as JPEG 2000" is two rules.
         for uid in classes:
@@ -328,7 +340,7 @@ def _accept_list(rules: Any, where: str) -> dict[str, AcceptedClass]:
     return accepted
 
 
-def _apply_roles(accepted: dict[str, AcceptedClass], roles: Any, where: str) -> None:
+def apply_roles(accepted: dict[str, AcceptedClass], roles: Any, where: str) -> None:
     if roles is None:
         return
     if not isinstance(roles, list):
@@ -337,7 +349,7 @@ def _apply_roles(accepted: dict[str, AcceptedClass], roles: Any, where: str) -> 
         here = f"{where}[{i}]"
         if not isinstance(rule, dict):
             raise ConformanceError(f"{here}: must be a mapping with sop_classes, scu, scp")
-        _check_keys(rule, ("sop_classes", "scu", "scp"), here)
+        check_keys(rule, ("sop_classes", "scu", "scp"), here)
         if "sop_classes" not in rule:
             raise ConformanceError(f"{here}: key 'sop_classes' is required")
         flags: dict[str, bool] = {}
@@ -346,7 +358,7 @@ def _apply_roles(accepted: dict[str, AcceptedClass], roles: Any, where: str) -> 
             if not isinstance(value, bool):
                 raise ConformanceError(f"{here}.{key}: must be true or false, got {value!r}")
             flags[key] = value
-        classes = _resolve(
+        classes = resolve_names(
             rule["sop_classes"], SOP_CLASS_GROUPS, "SOP class", f"{here}.sop_classes"
         )
         for uid in classes:
@@ -358,11 +370,11 @@ def parse_policy(data: Any, where: str = "conformance") -> Policy:
     """Validate the parsed conformance YAML into a :class:`Policy`."""
     if not isinstance(data, dict):
         raise ConformanceError(f"{where}: must be a mapping with the keys {', '.join(_TOP_KEYS)}")
-    _check_keys(data, _TOP_KEYS, where)
+    check_keys(data, _TOP_KEYS, where)
     if "accept" not in data:
         raise ConformanceError(f"{where}: key 'accept' is required")
-    accept = _accept_list(data["accept"], f"{where}: accept")
-    _apply_roles(accept, data.get("roles"), f"{where}: roles")
+    accept = accept_list(data["accept"], f"{where}: accept")
+    apply_roles(accept, data.get("roles"), f"{where}: roles")
     peers: dict[str, PeerOverride] = {}
     raw_peers = data.get("peers") or {}
     if not isinstance(raw_peers, dict):
@@ -380,19 +392,19 @@ def parse_policy(data: Any, where: str = "conformance") -> Policy:
             raise ConformanceError(
                 f"{here}: must be a mapping with accept and/or transfer_syntaxes"
             )
-        _check_keys(override, ("accept", "transfer_syntaxes", "roles"), here)
+        check_keys(override, ("accept", "transfer_syntaxes", "roles"), here)
         peer_accept = None
         if "accept" in override:
-            peer_accept = _accept_list(override["accept"], f"{here}.accept")
-            _apply_roles(peer_accept, data.get("roles"), f"{where}: roles")
+            peer_accept = accept_list(override["accept"], f"{here}.accept")
+            apply_roles(peer_accept, data.get("roles"), f"{where}: roles")
         if "roles" in override:
             # Roles for this caller only: on its own accept list, or on a copy of the global one.
             if peer_accept is None:
                 peer_accept = dict(accept)
-            _apply_roles(peer_accept, override["roles"], f"{here}.roles")
+            apply_roles(peer_accept, override["roles"], f"{here}.roles")
         syntaxes = None
         if "transfer_syntaxes" in override:
-            syntaxes = _resolve(
+            syntaxes = resolve_names(
                 override["transfer_syntaxes"],
                 TRANSFER_SYNTAX_GROUPS,
                 "transfer syntax",

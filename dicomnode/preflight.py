@@ -54,10 +54,10 @@ from dicomnode.policy import (
     PeerOverride,
     Policy,
     Profile,
-    _accept_list,
-    _apply_roles,
-    _check_keys,
-    _resolve,
+    accept_list,
+    apply_roles,
+    check_keys,
+    context_rule,
     is_valid_uid,
     service_of,
 )
@@ -141,7 +141,7 @@ def _device(data: Any, where: str) -> Device:
         raise ConformanceError(
             f"{where}: must be a mapping with the keys {', '.join(_DEVICE_KEYS)}"
         )
-    _check_keys(data, _DEVICE_KEYS, where)
+    check_keys(data, _DEVICE_KEYS, where)
     ae_title = ""
     if "ae_title" in data:
         ae_title = _text(data["ae_title"], f"{where}.ae_title")
@@ -201,23 +201,7 @@ def _proposals(rules: Any, where: str) -> tuple[Proposal, ...]:
     out: list[Proposal] = []
     for i, rule in enumerate(rules):
         here = f"{where}[{i}]"
-        if not isinstance(rule, dict):
-            raise ConformanceError(
-                f"{here}: must be a mapping with sop_classes, transfer_syntaxes and maybe role"
-            )
-        _check_keys(rule, ("sop_classes", "transfer_syntaxes", "role"), here)
-        for required in ("sop_classes", "transfer_syntaxes"):
-            if required not in rule:
-                raise ConformanceError(f"{here}: key {required!r} is required")
-        classes = _resolve(
-            rule["sop_classes"], SOP_CLASS_GROUPS, "SOP class", f"{here}.sop_classes"
-        )
-        syntaxes = _resolve(
-            rule["transfer_syntaxes"],
-            TRANSFER_SYNTAX_GROUPS,
-            "transfer syntax",
-            f"{here}.transfer_syntaxes",
-        )
+        classes, syntaxes = context_rule(rule, here, optional=("role",))
         role = rule.get("role")
         if role is not None and role not in ROLES:
             raise ConformanceError(
@@ -236,18 +220,18 @@ def parse_peer_conformance(data: Any, where: str = "peer conformance") -> PeerCo
         raise ConformanceError(
             f"{where}: must be a mapping with the keys {', '.join(_TOP_KEYS)} (all optional)"
         )
-    _check_keys(data, _TOP_KEYS, where)
+    check_keys(data, _TOP_KEYS, where)
     device = _device(data.get("device"), f"{where}: device")
     accept: dict[str, AcceptedClass] = {}
     if data.get("accept") is not None:
-        accept = _accept_list(data["accept"], f"{where}: accept")
+        accept = accept_list(data["accept"], f"{where}: accept")
     if data.get("roles") is not None:
         if not accept:
             raise ConformanceError(
                 f"{where}: roles: role rules answer proposals we make as requestor, so they "
                 "need an accept list; add accept or remove roles"
             )
-        _apply_roles(accept, data["roles"], f"{where}: roles")
+        apply_roles(accept, data["roles"], f"{where}: roles")
     propose: tuple[Proposal, ...] = ()
     if data.get("propose") is not None:
         propose = _proposals(data["propose"], f"{where}: propose")

@@ -19,9 +19,9 @@ from dicomnode.policy import (
     SOP_CLASS_GROUPS,
     TRANSFER_SYNTAX_GROUPS,
     ConformanceError,
-    _resolve,
     load_policy,
     parse_policy,
+    resolve_names,
 )
 from dicomnode.preflight import dump_peer_conformance, parse_peer_conformance
 from dicomnode.status import ExitCode, category, exit_code
@@ -35,7 +35,7 @@ def _names(kind: str, groups: Any) -> Any:
         if not values:
             return None
         try:
-            return _resolve(list(values), groups, kind, param.opts[0])
+            return resolve_names(list(values), groups, kind, param.opts[0])
         except ConformanceError as exc:
             raise click.BadParameter(str(exc), param=param) from None
 

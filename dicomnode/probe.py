@@ -227,7 +227,7 @@ class _Prober:
         except BaseException:
             assoc.abort()
             raise
-        _release(assoc)
+        scu.finish(assoc)
         return answers, replies
 
     def sweep(
@@ -267,17 +267,6 @@ class _Prober:
             syntax = str(cx.transfer_syntax[0]) if result == ContextResult.ACCEPTANCE else None
             answers.append(_Answer(offer, result, syntax))
         return answers
-
-
-def _release(assoc: Association) -> None:
-    """Release an established association (PS3.8 7.2); abort it if the release fails."""
-    if not assoc.is_established:
-        return
-    try:
-        assoc.release()
-    except Exception:  # a broken connection while releasing; nothing more to tell the peer
-        log.debug("release failed, aborting", exc_info=True)
-        assoc.abort()
 
 
 def probe(

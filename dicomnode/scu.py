@@ -311,7 +311,7 @@ def _rejected_summary(assoc: Association) -> str:
     return "; ".join(reasons) or "no reason given"
 
 
-def _finish(assoc: Association) -> None:
+def finish(assoc: Association) -> None:
     """Release an established association (PS3.8 7.2); abort it if the release fails."""
     if not assoc.is_established:
         return
@@ -351,7 +351,7 @@ def echo(config: Config, peer: Peer) -> EchoResult:
     except BaseException:
         assoc.abort()
         raise
-    _finish(assoc)
+    finish(assoc)
     elapsed = time.monotonic() - started
     if "Status" not in response:
         # pynetdicom returns an empty data set when the association was aborted or the DIMSE
@@ -776,7 +776,7 @@ def _send_batch(
     if lost is not None:
         assoc.abort()
     else:
-        _finish(assoc)
+        finish(assoc)
 
 
 def _store_one(
@@ -1191,7 +1191,7 @@ def _exchange(
             (cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class), None
         )
         if context is None:
-            _finish(assoc)
+            finish(assoc)
             rejected = next(
                 (cx for cx in assoc.rejected_contexts if cx.abstract_syntax == sop_class), None
             )
@@ -1203,7 +1203,7 @@ def _exchange(
             )
             return
         if cancel is not None and cancel.is_set():
-            _finish(assoc)  # cancelled while the association was being set up
+            finish(assoc)  # cancelled while the association was being set up
             report.cancelled = True
             return
         context_id = cast(int, context.context_id)  # set on every accepted context
@@ -1227,7 +1227,7 @@ def _converse(
     try:
         responses = request(assoc, message_id)
     except ValueError as exc:  # the identifier cannot be encoded; nothing was sent
-        _finish(assoc)
+        finish(assoc)
         report.error = f"the request was not sent: {exc}"
         return
     canceller = None
@@ -1270,7 +1270,7 @@ def _converse(
     if report.status is None:
         assoc.abort()
     else:
-        _finish(assoc)
+        finish(assoc)
 
 
 def find(

@@ -599,7 +599,7 @@ def _names(uids: Iterable[str]) -> str:
 def can_decompress(transfer_syntax: str) -> bool:
     """Whether ``dicomnode.transcode`` can decompress pixel data in ``transfer_syntax`` here
     (pydicom has a decoder for it and one of its plugins is installed)."""
-    transcode._register_gdcm12()  # the 12-bit JPEG plugin transcode adds on first use
+    transcode.register_decoders()  # the 12-bit JPEG plugin transcode adds on first use
     try:
         decoder = get_decoder(UID(transfer_syntax))
     except NotImplementedError:
@@ -838,7 +838,7 @@ def _move_contexts(sop_class: str, stored: str) -> list[tuple[str, tuple[str, ..
     )
     return [
         (str(cx.abstract_syntax), tuple(str(ts) for ts in cx.transfer_syntax))
-        for _, contexts in retrieve._batches([item])
+        for _, contexts in retrieve.presentation_batches([item])
         for cx in contexts
     ]
 
@@ -1042,7 +1042,7 @@ def _qr_to_them(peer: PeerConformance, label: str) -> list[Finding]:
     """Our Q/R and worklist SCU (``dicomnode find/move/get``, ``worklist query``) against the
     peer's accept list: the contexts ``dicomnode.scu`` proposes for each model."""
     their = Profile(classes=peer.accept)
-    offered = tuple(str(ts) for ts in scu._QR_TRANSFER_SYNTAXES)
+    offered = tuple(str(ts) for ts in scu.QR_TRANSFER_SYNTAXES)
     findings: list[Finding] = []
     accepted_ops: set[Operation] = set()
     for op in (Operation.FIND, Operation.MOVE, Operation.GET):
@@ -1316,7 +1316,7 @@ def check(
         f"the override peers.{aet}" if aet in policy.peers else "the policy (no override)"
     )
     their = Profile(classes=peer.accept)
-    qr_offered = tuple(str(ts) for ts in scu._QR_TRANSFER_SYNTAXES)
+    qr_offered = tuple(str(ts) for ts in scu.QR_TRANSFER_SYNTAXES)
 
     def they_accept(op: Operation) -> str | None:
         for model in (Model.STUDY_ROOT, Model.PATIENT_ROOT):

@@ -655,7 +655,7 @@ class _MoveSender(_Sender):
         self, items: list[StoredInstance], cancelled: Callable[[], bool]
     ) -> Iterator[tuple[StoredInstance, Sent]]:
         ae = scu.make_ae(self.config)
-        for batch, contexts in _batches(items):
+        for batch, contexts in presentation_batches(items):
             if cancelled():
                 return
             assoc, failure = scu.request_association(ae, self.config, self.destination, contexts)
@@ -726,7 +726,7 @@ class _GetSender(_Sender):
             yield item, sent
 
 
-def _batches(
+def presentation_batches(
     items: Sequence[StoredInstance],
 ) -> Iterable[tuple[list[StoredInstance], list[PresentationContext]]]:
     """Group instances into associations of at most 128 presentation contexts (PS3.8 9.3.2.2).

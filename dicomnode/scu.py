@@ -1335,13 +1335,13 @@ def _find(
     def on_final(status: Dataset, identifier: Dataset | None) -> None:
         del status, identifier
 
-    contexts = [build_context(sop_class, _QR_TRANSFER_SYNTAXES)]
+    contexts = [build_context(sop_class, QR_TRANSFER_SYNTAXES)]
     _exchange(config, peer, report, sop_class, contexts, request, on_pending, on_final, cancel)
     return report
 
 
 # The identifiers of C-FIND/MOVE/GET are small: any uncompressed syntax will do.
-_QR_TRANSFER_SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+QR_TRANSFER_SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
 def _retrieve_handlers(
@@ -1416,7 +1416,7 @@ def move(
         return responses
 
     on_pending, on_final = _retrieve_handlers(report, on_progress)
-    contexts = [build_context(sop_class, _QR_TRANSFER_SYNTAXES)]
+    contexts = [build_context(sop_class, QR_TRANSFER_SYNTAXES)]
     _exchange(config, peer, report, sop_class, contexts, request, on_pending, on_final, cancel)
     return report
 
@@ -1455,7 +1455,7 @@ _GET_COMPRESSED_CLASSES = [
 def get_contexts(sop_class: UID) -> tuple[list[PresentationContext], list[Any]]:
     """The presentation contexts (at most 128) and SCP/SCU role items a C-GET proposes."""
     storage = [UID(str(cx.abstract_syntax)) for cx in StoragePresentationContexts]
-    contexts = [build_context(sop_class, _QR_TRANSFER_SYNTAXES)]
+    contexts = [build_context(sop_class, QR_TRANSFER_SYNTAXES)]
     contexts += [build_context(uid, _GET_UNCOMPRESSED) for uid in storage]
     room = MAX_CONTEXTS_PER_ASSOCIATION - len(contexts)
     contexts += [build_context(uid, _GET_COMPRESSED) for uid in _GET_COMPRESSED_CLASSES[:room]]

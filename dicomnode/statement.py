@@ -303,7 +303,7 @@ def _scu_activities(config: Config) -> tuple[ScuActivity, ...]:
 
     from dicomnode import scu
 
-    qr_syntaxes = tuple(Uid.of(str(ts)) for ts in scu._QR_TRANSFER_SYNTAXES)
+    qr_syntaxes = tuple(Uid.of(str(ts)) for ts in scu.QR_TRANSFER_SYNTAXES)
     echo = build_context(scu.VERIFICATION_SOP_CLASS)
     get_contexts, get_roles = scu.get_contexts(UID(SOP_CLASSES[Model.STUDY_ROOT, Operation.GET]))
     storage_plain = [cx for cx in get_contexts[1:] if len(cx.transfer_syntax) == 2]
@@ -1024,7 +1024,7 @@ _KIND_MATCHING: Mapping[Kind, str] = {
 
 
 def _worklist_matching(vr: str, names: str) -> str:
-    from dicomnode.index.worklist import _NO_WILDCARDS
+    from dicomnode.index.worklist import NO_WILDCARDS
 
     if vr == "SQ":
         return "sequence matching (one item), universal (zero length: the whole sequence)"
@@ -1034,7 +1034,7 @@ def _worklist_matching(vr: str, names: str) -> str:
         return "single value, list of UIDs, universal"
     if vr in ("DA", "TM", "DT"):
         return "single value, range, universal"
-    if vr in _NO_WILDCARDS:
+    if vr in NO_WILDCARDS:
         return "single value, universal"
     return "single value (exact, case-sensitive), wildcard (`*` `?`), universal"
 

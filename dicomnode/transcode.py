@@ -209,7 +209,7 @@ def transcode(path: Path, target: str) -> Dataset:
     Raises :class:`TranscodeError` when the conversion is not one we do, no decoder is installed
     for the stored syntax, or decoding fails. ``OSError`` from reading the file propagates.
     """
-    _register_gdcm12()
+    register_decoders()
     try:
         _check_inflated_size(path)
         ds = pydicom.dcmread(path)
@@ -478,7 +478,7 @@ def _decode_jpeg12_gdcm(src: bytes, runner: DecodeRunner) -> bytes:
     return frame
 
 
-def _register_gdcm12() -> None:
+def register_decoders() -> None:
     """Add the 12-bit JPEG plugin to pydicom's decoder (idempotent). Done on first use, not at
     import: importing this module changes nothing in pydicom."""
     decoder = get_decoder(JPEGExtended12Bit)

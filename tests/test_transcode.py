@@ -541,7 +541,7 @@ def test_missing_12_bit_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without python-gdcm the plugin is never registered: a clear error, not a crash."""
     import dicomnode.transcode
 
-    monkeypatch.setattr(dicomnode.transcode, "_register_gdcm12", lambda: None)
+    monkeypatch.setattr(dicomnode.transcode, "register_decoders", lambda: None)
     decoder = get_decoder(JPEG_EXTENDED)
     monkeypatch.setattr(
         decoder, "_available", {k: v for k, v in decoder._available.items() if k != GDCM12_PLUGIN}

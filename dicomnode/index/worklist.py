@@ -57,7 +57,7 @@ _CHARSET = Tag(0x00080005)
 _STEP_TAG = Tag(STEP_SEQUENCE)
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 # Value representations matched as single values only, never with wildcards (C.2.2.2.4).
-_NO_WILDCARDS = frozenset(
+NO_WILDCARDS = frozenset(
     {"DA", "TM", "DT", "SL", "SS", "US", "UL", "SV", "UV", "FD", "FL", "DS", "IS", "AS", "UI"}
 )
 _BINARY = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT"})
@@ -247,7 +247,7 @@ def _matches(key: Key, ds: Dataset, case_sensitive: bool) -> bool:
     if key.vr in ("DA", "TM", "DT"):
         low, high = _range(key.keyword, key.vr, key.value)
         return any(low <= _comparable(key.vr, v) <= high for v in values)
-    if key.vr in _NO_WILDCARDS:
+    if key.vr in NO_WILDCARDS:
         return any(v == key.value.strip() for v in values)
     return any(_text_matches(key.value, v) for v in values)
 

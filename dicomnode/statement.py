@@ -404,9 +404,10 @@ def _scu_activities(config: Config) -> tuple[ScuActivity, ...]:
             (
                 "To the configured peer whose AE title is the Move Destination: its host and "
                 "port from the configuration, never an address the caller supplies.",
-                "One context per (SOP class, stored transfer syntax); for a SOP class stored "
-                "compressed also one proposing Explicit and Implicit VR Little Endian, so the "
-                "destination can take a losslessly decompressed copy (dicomnode.transcode).",
+                "One context per (SOP class, stored transfer syntax), and one proposing "
+                "Explicit and Implicit VR Little Endian unless both are among those, so the "
+                "destination can take a losslessly decompressed or re-encoded copy "
+                "(dicomnode.transcode).",
                 f"At most {limit} contexts per association, more associations one after the "
                 "other; each C-STORE carries the Move Originator AE Title and Message ID "
                 "(PS3.7 9.1.1.1).",

@@ -536,6 +536,31 @@ def test_orthanc(orthanc_peer: OrthancEndpoint, tmp_path: Path) -> None:
     assert MWL_FIND not in peer.accept  # no worklist plugin loaded
     assert peer.accept[CT].scp_role is True  # C-GET: it agrees to send us C-STOREs
 
+    # What probe wrote is what check reads: a policy holding CT as JPEG 2000 lossless or explicit
+    # VR and MR uncompressed, querying and retrieving with Study Root, fits this Orthanc.
+    ours = tmp_path / "ours.yaml"
+    ours.write_text(
+        yaml.safe_dump(
+            {
+                "accept": [
+                    {"sop_classes": ["Verification"], "transfer_syntaxes": [EVRLE]},
+                    {"sop_classes": ["CTImageStorage"], "transfer_syntaxes": [J2K_LOSSLESS, EVRLE]},
+                    {"sop_classes": ["MRImageStorage"], "transfer_syntaxes": ["uncompressed"]},
+                    {"sop_classes": list(QR_MODELS.values()), "transfer_syntaxes": [EVRLE]},
+                ]
+            }
+        ),
+        encoding="utf-8",
+    )
+    args = ["conformance", "check", str(ours), str(tmp_path / "orthanc.yaml"), "--format", "json"]
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == ExitCode.SUCCESS, done.output
+    sections = {s["key"]: s["findings"] for s in json.loads(done.stdout)["sections"]}
+    for key in ("echo_to_them", "storage_to_them", "qr_to_them", "get_from_them"):
+        assert sections[key] and {f["severity"] for f in sections[key]} <= {"ok", "note"}, key
+    stored_ct = [f for f in sections["storage_to_them"] if "CTImageStorage" in f["sop_classes"]]
+    assert [f["severity"] for f in stored_ct] == ["ok"], stored_ct
+
 
 # --- our own node ----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
 from io import BytesIO
 from typing import Any
@@ -212,3 +213,49 @@ def test_a_handlers_intenum_status_takes_the_fast_path(monkeypatch: pytest.Monke
     bool_status.command_set.Status = True  # a bool is not an integer value here
     with pytest.raises(AssertionError, match="fell back"):
         dimse_codec.encode_dataset(bool_status.command_set, True, True)
+
+
+# --- UID conversion, memoised ------------------------------------------------------------------
+
+UID_VALUES: list[Any] = [
+    "1.2.840.10008.1.2.1",
+    b"1.2.840.10008.1.2.1\x00",  # as an A-ASSOCIATE-RQ item may carry it, padded
+    b"1.2.840.10008.5.1.4.1.1.2",
+    "1.2.3.04",  # non-conformant (a leading zero)
+    "9" * 65,  # too long
+    "",
+    None,
+]
+
+
+@pytest.mark.parametrize("value", UID_VALUES)
+@pytest.mark.parametrize(
+    ("allow_empty", "allow_none", "validate"),
+    [(True, True, True), (False, False, True), (True, True, False)],
+)
+def test_set_uid_answers_as_pynetdicom(
+    value: Any, allow_empty: bool, allow_none: bool, validate: bool
+) -> None:
+    import pynetdicom.utils
+
+    ours, theirs = dimse_codec.set_uid, dimse_codec._set_uid
+    assert theirs.__module__ == pynetdicom.utils.__name__
+    try:
+        expected = theirs(value, "name", allow_empty, allow_none, validate)
+    except (ValueError, TypeError) as exc:
+        for _ in range(2):  # not remembered as a success the second time either
+            with pytest.raises(type(exc), match=re.escape(str(exc))):
+                ours(value, "name", allow_empty, allow_none, validate)
+        return
+    for _ in range(2):  # the first answer, then the remembered one
+        got = ours(value, "name", allow_empty, allow_none, validate)
+        assert got == expected and type(got) is type(expected)
+
+
+def test_set_uid_is_what_pynetdicom_decodes_with() -> None:
+    import pynetdicom.pdu_items
+    import pynetdicom.presentation
+
+    dimse_codec.install_codec_hooks()
+    assert pynetdicom.pdu_items.set_uid is dimse_codec.set_uid
+    assert pynetdicom.presentation.set_uid is dimse_codec.set_uid

@@ -297,7 +297,7 @@ class EventDUL(DULServiceProvider):
                 # The connection ended before an A-ASSOCIATE-RQ: wake the association thread,
                 # waiting up to acse_timeout for one, as that timeout would (None), so that it
                 # closes the connection and frees its place now.
-                self.to_user_queue.put(None)  # type: ignore[arg-type]
+                self.to_user_queue.put(None)
 
     def _run(self) -> None:
         self._idle_timer.start()

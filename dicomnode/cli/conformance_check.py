@@ -17,14 +17,6 @@ import yaml
 from dicomnode.cli import CliState, pass_state, with_config
 from dicomnode.config import Service
 from dicomnode.policy import ConformanceError, load_policy
-from dicomnode.preflight import (
-    ALL_SERVICES,
-    check,
-    exit_code,
-    load_peer_conformance,
-    render_text,
-    report_data,
-)
 from dicomnode.status import ExitCode
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
@@ -33,7 +25,7 @@ _SERVICE_NAMES = [s.value for s in Service]
 
 def _services(value: str) -> frozenset[Service]:
     if value.strip().lower() == "all":
-        return ALL_SERVICES
+        return frozenset(Service)
     names = [n.strip().lower() for n in value.split(",") if n.strip()]
     unknown = [n for n in names if n not in _SERVICE_NAMES]
     if unknown or not names:
@@ -90,6 +82,16 @@ def check_cmd(
     against a peer's (THEIRS, the form of config/peers/*.yaml): association negotiation simulated
     in both directions, per SOP class, with every mismatch, its consequence and the YAML change
     to make. No network. Exit 0: no mismatch; 2: a mismatch; 4: a bad file."""
+    # Imported here, not with the command table: every other command starts without it.
+    from dicomnode.preflight import (
+        ALL_SERVICES,
+        check,
+        exit_code,
+        load_peer_conformance,
+        render_text,
+        report_data,
+    )
+
     try:
         policy = load_policy(ours)
         peer = load_peer_conformance(theirs)

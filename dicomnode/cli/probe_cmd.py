@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
-from dicomnode import probe, scu
+from dicomnode import scu
 from dicomnode.cli import CliState, pass_state, with_config
 from dicomnode.cli.scu_cmds import _peer, _setup, tls_option
 from dicomnode.config import Config, read_yaml
@@ -23,8 +23,10 @@ from dicomnode.policy import (
     parse_policy,
     resolve_names,
 )
-from dicomnode.preflight import dump_peer_conformance, parse_peer_conformance
 from dicomnode.status import ExitCode, category, exit_code
+
+if TYPE_CHECKING:
+    from dicomnode import probe
 
 
 def _names(kind: str, groups: Any) -> Any:
@@ -52,6 +54,8 @@ def _classes_from(path: Path) -> tuple[str, ...]:
         for override in policy.peers.values():
             uids.update(dict.fromkeys(override.accept or {}))
         return tuple(uids)
+    from dicomnode.preflight import parse_peer_conformance
+
     peer = parse_peer_conformance(data, str(path))
     return tuple(dict.fromkeys([*peer.accept, *(p.sop_class for p in peer.propose)]))
 
@@ -177,6 +181,10 @@ def probe_cmd(
     completed (1 or 2 when the C-ECHO answered a warning or failure), 4 on a usage error, 5
     when the peer could not be reached or refused or aborted an association.
     """
+    # Imported here, not with the command table: every other command starts without them.
+    from dicomnode import probe
+    from dicomnode.preflight import dump_peer_conformance
+
     config = _setup(state)
     target = _peer(config, peer)
     classes: dict[str, None] = {}
@@ -223,7 +231,9 @@ def probe_cmd(
                 err=True,
             )
         sys.exit(ExitCode.UNREACHABLE)
-    text = _with_notes(dump_peer_conformance(probe.peer_conformance(result)), result)
+    text = _with_notes(
+        dump_peer_conformance(probe.peer_conformance(result)), result, probe.notes(result)
+    )
     if str(output) == "-":
         click.echo(text, nl=False)
     else:
@@ -259,8 +269,9 @@ def _maybe_too_many_contexts(failure: scu.AssociationFailure) -> bool:
     )
 
 
-def _with_notes(text: str, result: probe.ProbeResult) -> str:
-    """The YAML with comment lines on how it was probed, after its header comment."""
+def _with_notes(text: str, result: probe.ProbeResult, notes: Iterable[str]) -> str:
+    """The YAML with comment lines on how it was probed (and ``notes``), after its header
+    comment."""
     lines = text.splitlines(keepends=True)
     head = 0
     while head < len(lines) and lines[head].startswith("#"):
@@ -273,7 +284,7 @@ def _with_notes(text: str, result: probe.ProbeResult) -> str:
         "syntaxes.\n",
         "# accept: only what it accepted; transfer syntaxes in its order of preference.\n",
     ]
-    extra += [f"# Note: {note}\n" for note in probe.notes(result)]
+    extra += [f"# Note: {note}\n" for note in notes]
     return "".join(lines[:head] + extra + lines[head:])
 
 
